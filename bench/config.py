@@ -1,0 +1,49 @@
+"""The top-level run configuration (the schema behind ``conf/config.yaml``)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING
+
+
+@dataclass
+class MeasureSettings:
+    """How latency and memory are measured (see the design's measurement protocol)."""
+
+    warmup: int = 1  # untimed generations on the first sample before measuring
+    repeats: int = 1  # timed repeats per sample; the median is recorded, the spread next to it
+    fixed_output_tokens: int = 16  # time per output token is measured over this many decode steps, EOS ignored
+
+
+@dataclass
+class WandbSettings:
+    """Weights & Biases logging. Offline by default: run files land locally for a later ``wandb sync``."""
+
+    mode: str = "offline"  # offline | online | disabled
+    project: str = "tokenbench"
+    entity: Optional[str] = None
+    group: Optional[str] = None  # defaults to the sweep name
+    dir: Optional[str] = None  # where the wandb/ folder goes; defaults to the run directory
+
+
+@dataclass
+class TokenbenchConfig:
+    """One run: ``model × method × task`` plus where results go and how they are measured and logged."""
+
+    model: Any = MISSING
+    method: Any = MISSING
+    task: Any = MISSING
+    sweep: str = "default"  # a label grouping runs in results and W&B
+    output_dir: str = "results/runs"  # run directories are created under it, named by run key
+    query_aware: bool = False  # LLM tasks: compress context+question together (True) or context alone (False)
+    seed: int = 0
+    progress: bool = True  # show a progress bar over samples
+    measure: MeasureSettings = field(default_factory=MeasureSettings)
+    wandb: WandbSettings = field(default_factory=WandbSettings)
+
+
+def store_base_config() -> None:
+    ConfigStore.instance().store(name="tokenbench_schema", node=TokenbenchConfig)

@@ -1,0 +1,1 @@
+"""Built-in models; every module here is imported by the registry."""

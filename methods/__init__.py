@@ -1,0 +1,1 @@
+"""Built-in methods: one module per method, each registered by decorator; all are imported by the registry."""

@@ -1,0 +1,1 @@
+"""Built-in tasks: one module per task, each registered by decorator; all are imported by the registry."""
