@@ -38,7 +38,6 @@ class TokenbenchConfig:
     task: Any = MISSING
     sweep: str = "default"  # a label grouping runs in results and W&B
     output_dir: str = "results/runs"  # run directories are created under it, named by run key
-    query_aware: bool = False  # LLM tasks: compress context+question together (True) or context alone (False)
     seed: int = 0
     progress: bool = True  # show a progress bar over samples
     measure: MeasureSettings = field(default_factory=MeasureSettings)
