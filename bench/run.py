@@ -1,0 +1,249 @@
+"""One run: resolve → run key → skip/resume → load → apply method → samples → record → W&B.
+
+``plan`` does everything that can fail on bad input (names, families, parameter validation) without
+loading a model or writing a file; ``execute`` does the work.
+"""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from tokenbench import registry
+from tokenbench.errors import TokenbenchError
+from tokenbench.results import ResultRecord, SampleLog, read_result, run_key, write_json_atomic
+
+log = logging.getLogger(__name__)
+
+# Which runner drives a model for each method family (module:attribute, imported lazily).
+RUNNERS = {"kv": "tokenbench.lm:LMRunner"}
+
+
+class RunFailed(Exception):
+    """The run ended with status failed/oom; its record was written."""
+
+    def __init__(self, record: ResultRecord):
+        super().__init__(f"run {record.run_key} {record.status}: {record.error}")
+        self.record = record
+
+
+@dataclass
+class RunPlan:
+    cfg: DictConfig
+    family: str
+    model_spec: Any
+    method: Any
+    task: Any
+    model_cfg: dict
+    method_cfg: dict
+    task_cfg: dict
+    key: str
+    run_dir: Path
+
+    @property
+    def names(self) -> tuple[str, str, str]:
+        return self.model_cfg["name"], self.method_cfg["name"], self.task_cfg["name"]
+
+
+def plan(cfg: DictConfig) -> RunPlan:
+    """Resolve and validate a config; nothing is loaded or written."""
+    registry.load_all()
+    model_cfg = OmegaConf.to_container(cfg.model, resolve=True)
+    method_cfg = OmegaConf.to_container(cfg.method, resolve=True)
+    task_cfg = OmegaConf.to_container(cfg.task, resolve=True)
+    family = registry.check_compatible(method_cfg["name"], model_cfg["name"], task_cfg["name"])
+    model_spec = registry.build("model", model_cfg)
+    method = registry.build("method", method_cfg, family)
+    task = registry.build("task", task_cfg)
+    key = run_key(model_cfg, method_cfg, task_cfg)
+    return RunPlan(cfg, family, model_spec, method, task, model_cfg, method_cfg, task_cfg, key,
+                   Path(cfg.output_dir) / key)
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat(timespec="seconds")
+
+
+def _import(path: str) -> Any:
+    import importlib
+
+    module, attr = path.split(":")
+    return getattr(importlib.import_module(module), attr)
+
+
+def make_runner(family: str, loaded: Any, method: Any, measure: Any) -> Any:
+    if family not in RUNNERS:
+        raise TokenbenchError(f"no runner for method family '{family}' yet (have: {', '.join(RUNNERS)})")
+    return _import(RUNNERS[family])(loaded, method, measure)
+
+
+def _quantile(values: list[float], q: float) -> float:
+    vals = sorted(values)
+    if not vals:
+        return float("nan")
+    pos = (len(vals) - 1) * q
+    lo, hi = int(pos), min(int(pos) + 1, len(vals) - 1)
+    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
+
+
+def summarize_latency(rows: list[dict]) -> dict[str, float]:
+    """Median (the headline value), p50, p90 and mean of every per-sample latency key."""
+    keys = sorted({k for r in rows for k, v in (r.get("latency") or {}).items() if isinstance(v, (int, float))})
+    out: dict[str, float] = {}
+    for k in keys:
+        vals = [r["latency"][k] for r in rows if isinstance((r.get("latency") or {}).get(k), (int, float))]
+        if not vals or k.endswith("_spread"):
+            continue
+        out[k] = statistics.median(vals)
+        out[f"{k}_p50"] = _quantile(vals, 0.5)
+        out[f"{k}_p90"] = _quantile(vals, 0.9)
+        out[f"{k}_mean"] = statistics.fmean(vals)
+    return out
+
+
+def summarize_memory(rows: list[dict], weights_bytes: int | None) -> dict[str, Any]:
+    """Peaks are maxima over samples; cache bytes are the median and the maximum."""
+    out: dict[str, Any] = {"weights_bytes": weights_bytes}
+    keys = sorted({k for r in rows for k, v in (r.get("memory") or {}).items() if isinstance(v, (int, float))})
+    for k in keys:
+        vals = [r["memory"][k] for r in rows if isinstance((r.get("memory") or {}).get(k), (int, float))]
+        if k.startswith("peak"):
+            out[k] = max(vals)
+        else:
+            out[k] = statistics.median(vals)
+            out[f"{k}_max"] = max(vals)
+    return out
+
+
+def achieved_keep_ratio(rows: list[dict]) -> float | None:
+    vals = [r["compression"]["achieved_keep_ratio"] for r in rows
+            if isinstance((r.get("compression") or {}).get("achieved_keep_ratio"), (int, float))]
+    return statistics.fmean(vals) if vals else None
+
+
+def _unique_rows(rows: list[dict]) -> list[dict]:
+    seen: set[str] = set()
+    out = []
+    for r in rows:
+        if r.get("sample_id") in seen:
+            continue
+        seen.add(r.get("sample_id"))
+        out.append(r)
+    return out
+
+
+def _params(d: dict) -> dict:
+    return {k: v for k, v in d.items() if k != "name"}
+
+
+def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
+    """Run (or resume, or skip) the planned run and return its record."""
+    from tqdm.auto import tqdm
+
+    from tokenbench.env import environment
+
+    model_name, method_name, task_name = p.names
+    previous = read_result(p.run_dir)
+    if previous and previous.get("status") == "ok":
+        log.info("run %s is complete (%s); skipping", p.key, p.run_dir)
+        return ResultRecord(**{k: v for k, v in previous.items() if k in ResultRecord.__dataclass_fields__})
+
+    p.run_dir.mkdir(parents=True, exist_ok=True)
+    cfg_path = p.run_dir / "config.yaml"
+    if not cfg_path.exists():
+        OmegaConf.save(OmegaConf.create({"model": p.model_cfg, "method": p.method_cfg, "task": p.task_cfg}),
+                       cfg_path)
+    sample_log = SampleLog(p.run_dir / "samples.jsonl")
+    done = {r.get("sample_id") for r in sample_log.read()}
+    started = _now()
+    status, error, weights_bytes, device, n_expected = "ok", None, None, "cpu", 0
+    loaded = None
+    try:
+        loaded = p.model_spec.load()
+        weights_bytes, device = loaded.weights_bytes, loaded.device
+        samples = p.task.samples(loaded)
+        n_expected = len(samples)
+        ids = [s.id for s in samples]
+        if len(set(ids)) != len(ids):
+            raise TokenbenchError(f"task '{task_name}' produced duplicate sample ids")
+        todo = [(i, s) for i, s in enumerate(samples) if s.id not in done]
+        if done and todo:
+            log.info("resuming run %s after %d recorded samples", p.key, len(samples) - len(todo))
+        runner = make_runner(p.family, loaded, p.method, p.cfg.measure)
+        use_template = getattr(p.task, "chat_template", True)
+        bar = tqdm(todo, desc=f"{task_name} × {method_name} × {model_name}", unit="sample",
+                   disable=not progress, dynamic_ncols=True)
+        for idx, sample in bar:
+            out = runner.run(sample, use_chat_template=use_template)
+            metrics = p.task.score(sample, out.text)
+            sample_log.append({
+                "sample_id": sample.id,
+                "idx": idx,
+                "prediction": out.text,
+                "answer": sample.answer,
+                "metrics": metrics,
+                "latency": out.latency,
+                "memory": out.memory,
+                "compression": out.compression,
+                "n_prompt_tokens": out.n_prompt_tokens,
+                "n_context_tokens": out.n_context_tokens,
+                "n_generated": out.n_generated,
+                "meta": {**sample.meta, "model": model_name, "method": method_name},
+            })
+    except Exception as exc:  # the record must say what happened; KeyboardInterrupt/kill leave a resumable run
+        import torch
+
+        status = "oom" if isinstance(exc, torch.OutOfMemoryError) else "failed"
+        error = f"{type(exc).__name__}: {exc}"
+        log.exception("run %s failed", p.key)
+
+    rows = _unique_rows(sample_log.read())
+    metrics = p.task.aggregate(rows) if rows else {}
+    artifacts: list[Path] = []
+    if rows and status == "ok":
+        try:
+            artifacts = p.task.artifacts(rows, p.run_dir)
+        except Exception as exc:  # a plot must not cost the result
+            log.warning("artifacts for %s failed: %s", p.key, exc)
+    record = ResultRecord(
+        run_key=p.key,
+        sweep=str(p.cfg.get("sweep", "default")),
+        status=status,
+        error=error,
+        model=model_name,
+        model_params=_params(p.model_cfg),
+        method=method_name,
+        family=p.family,
+        method_params=_params(p.method_cfg),
+        task=task_name,
+        task_params=_params(p.task_cfg),
+        budget=p.method.nominal_budget(),
+        achieved_keep_ratio=achieved_keep_ratio(rows),
+        metrics=metrics,
+        latency=summarize_latency(rows),
+        memory=summarize_memory(rows, weights_bytes),
+        flops=None,
+        n_samples=len(rows),
+        n_samples_expected=n_expected,
+        env=environment(device),
+        started_at=started,
+        finished_at=_now(),
+        run_dir=str(p.run_dir),
+        extra={"artifacts": [str(a) for a in artifacts], "resumed_with": len(done),
+               "model_source": getattr(loaded, "source", None),
+               "query_aware": getattr(p.method, "query_aware", None)},
+    )
+    write_json_atomic(p.run_dir / "result.json", record.to_dict())
+
+    from tokenbench.wandb_log import log_run
+
+    log_run(p.cfg, record, rows, artifacts, p.run_dir)
+    if status != "ok":
+        raise RunFailed(record)
+    return record

@@ -1,0 +1,23 @@
+"""Shared test setup: offline hubs, quiet W&B, GPU tests skipped without a GPU."""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+
+# No machine here reaches a model hub; make transformers/huggingface_hub fail fast instead of retrying.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("WANDB_SILENT", "true")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "gpu" in item.keywords:
+            item.add_marker(skip)
