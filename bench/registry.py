@@ -17,6 +17,7 @@ import importlib
 import importlib.metadata
 import logging
 import pkgutil
+import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, TypeVar
 
@@ -157,24 +158,28 @@ def register_model(name: str) -> Callable[[type[T]], type[T]]:
 
 def _schema(kind: str, name: str, classes: list[type]) -> type:
     """A dataclass with ``name`` plus the fields of ``classes`` (one class, or the union for shared names)."""
-    seen: dict[str, dataclasses.Field] = {}
+    seen: dict[str, Any] = {}
     specs: list[tuple[str, Any, Any]] = [("name", str, field(default=name))]
     for cls in classes:
+        # Resolve string annotations (``from __future__ import annotations``) in the class's own module, so
+        # the schema built here holds real types whatever style each file uses.
+        hints = typing.get_type_hints(cls)
         for f in dataclasses.fields(cls):
             if not f.init or f.name.startswith("_") or f.name == "name":
                 continue
+            ftype = hints.get(f.name, f.type)
             if f.name in seen:
-                if seen[f.name].type != f.type:
+                if seen[f.name] != ftype:
                     raise TypeError(f"{kind} '{name}': field '{f.name}' has different types across families")
                 continue
-            seen[f.name] = f
+            seen[f.name] = ftype
             if f.default is not dataclasses.MISSING:
                 default = field(default=f.default)
             elif f.default_factory is not dataclasses.MISSING:
                 default = field(default_factory=f.default_factory)
             else:
                 default = field(default=dataclasses.MISSING)
-            specs.append((f.name, f.type, default))
+            specs.append((f.name, ftype, default))
     # Fields without defaults must come first in a dataclass; Hydra sees them as '???' (mandatory).
     specs = [specs[0]] + sorted(specs[1:], key=lambda s: s[2].default is not dataclasses.MISSING
                                 or s[2].default_factory is not dataclasses.MISSING)
@@ -247,6 +252,14 @@ def build(kind: str, node: Any, family: str | None = None) -> Any:
         if v != schema_defaults.get(k):
             raise TokenbenchError(f"{kind} '{name}' for family '{entry.family}' has no parameter '{k}'")
     return entry.cls(**{k: v for k, v in values.items() if k in own})
+
+
+def key_fields(kind: str, values: dict[str, Any], family: str | None = None) -> dict[str, Any]:
+    """The config values that identify a run: fields marked ``metadata={"run_key": False}`` (paths of
+    caches, say, that cannot change a result) are left out of the run key."""
+    entry = REGISTRIES[kind].get(values["name"], family)
+    skip = {f.name for f in dataclasses.fields(entry.cls) if f.metadata.get("run_key") is False}
+    return {k: v for k, v in values.items() if k not in skip}
 
 
 def check_compatible(method_name: str, model_name: str, task_name: str) -> str:

@@ -61,7 +61,8 @@ def plan(cfg: DictConfig) -> RunPlan:
     model_spec = registry.build("model", model_cfg)
     method = registry.build("method", method_cfg, family)
     task = registry.build("task", task_cfg)
-    key = run_key(model_cfg, method_cfg, task_cfg)
+    key = run_key(registry.key_fields("model", model_cfg), registry.key_fields("method", method_cfg, family),
+                  registry.key_fields("task", task_cfg))
     return RunPlan(cfg, family, model_spec, method, task, model_cfg, method_cfg, task_cfg, key,
                    Path(cfg.output_dir) / key)
 
