@@ -36,7 +36,7 @@ class TokenbenchConfig:
     model: Any = MISSING
     method: Any = MISSING
     task: Any = MISSING
-    sweep: str = "default"  # a label grouping runs in results and W&B
+    sweep_name: str = "default"  # label grouping runs in records and W&B (set by +sweep=<preset>)
     output_dir: str = "results/runs"  # run directories are created under it, named by run key
     seed: int = 0
     progress: bool = True  # show a progress bar over samples

@@ -214,7 +214,7 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
             log.warning("artifacts for %s failed: %s", p.key, exc)
     record = ResultRecord(
         run_key=p.key,
-        sweep=str(p.cfg.get("sweep", "default")),
+        sweep=str(p.cfg.get("sweep_name", "default")),
         status=status,
         error=error,
         model=model_name,

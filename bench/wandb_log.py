@@ -120,3 +120,73 @@ def log_run(cfg: DictConfig, record: ResultRecord, rows: list[dict[str, Any]], a
         log.warning("W&B logging failed (%s: %s); the local result is kept in %s", type(exc).__name__, exc,
                     run_dir)
         return None
+
+
+# --- reading offline run files -------------------------------------------------------------------------
+# An offline run keeps everything (config, summary, logged rows) in its ``run-<id>.wandb`` file, in the
+# LevelDB log format (github.com/google/leveldb/blob/main/doc/log_format.md): a 7-byte header, then 32 KiB
+# blocks of records, each ``crc32c:u32 length:u16 type:u8 data``, where a protobuf ``Record`` may be split
+# FIRST/MIDDLE/LAST across blocks. This reader lets tests (and users, without syncing) see what W&B got.
+
+_BLOCK = 32768
+_FULL, _FIRST, _MIDDLE, _LAST = 1, 2, 3, 4
+
+
+def _record_payloads(data: bytes) -> list[bytes]:
+    import struct
+
+    if data[4:7] == b"" or data[0:4] != b":W&B":
+        raise ValueError("not a W&B run file (bad header)")
+    payloads, pending, pos = [], b"", 7
+    while pos + 7 <= len(data):
+        left_in_block = _BLOCK - pos % _BLOCK
+        if left_in_block < 7:  # block trailer: too small for a record header, zero padded
+            pos += left_in_block
+            continue
+        _crc, length, kind = struct.unpack("<IHB", data[pos:pos + 7])
+        chunk = data[pos + 7:pos + 7 + length]
+        pos += 7 + length
+        if kind == 0 and length == 0:  # zero padding at the end of a block
+            pos += _BLOCK - pos % _BLOCK if pos % _BLOCK else 0
+            continue
+        if kind == _FULL:
+            payloads.append(chunk)
+        elif kind == _FIRST:
+            pending = chunk
+        elif kind == _MIDDLE:
+            pending += chunk
+        elif kind == _LAST:
+            payloads.append(pending + chunk)
+            pending = b""
+    return payloads
+
+
+def read_offline_run(path: str | Path) -> dict[str, Any]:
+    """Decode a ``run-<id>.wandb`` file into ``{"run": {...}, "config": {...}, "summary": {...},
+    "history": [...]}`` (values JSON-decoded; later updates win)."""
+    from wandb.proto import wandb_internal_pb2 as pb
+
+    out: dict[str, Any] = {"run": {}, "config": {}, "summary": {}, "history": []}
+
+    def items_to_dict(items) -> dict[str, Any]:
+        d: dict[str, Any] = {}
+        for item in items:
+            key = "/".join(item.nested_key) if item.nested_key else item.key
+            d[key] = json.loads(item.value_json) if item.value_json else None
+        return d
+
+    for payload in _record_payloads(Path(path).read_bytes()):
+        rec = pb.Record()
+        rec.ParseFromString(payload)
+        kind = rec.WhichOneof("record_type")
+        if kind == "run":
+            out["run"] = {"run_id": rec.run.run_id, "project": rec.run.project, "group": rec.run.run_group,
+                          "name": rec.run.display_name, "tags": list(rec.run.tags)}
+            out["config"].update(items_to_dict(rec.run.config.update))
+        elif kind == "config":
+            out["config"].update(items_to_dict(rec.config.update))
+        elif kind == "summary":
+            out["summary"].update(items_to_dict(rec.summary.update))
+        elif kind == "history":
+            out["history"].append(items_to_dict(rec.history.item))
+    return out

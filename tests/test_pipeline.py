@@ -1,0 +1,184 @@
+"""The run pipeline end to end through the real CLI: records, skip, resume after a kill, bad input, W&B files."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+TINY = ["model=tiny-llama", "task.context_lengths=[128,192]", "task.depths=[0.0,0.5,1.0]",
+        "task.max_new_tokens=4", "measure.fixed_output_tokens=4", "measure.warmup=0"]
+
+
+def tokenbench(*args: str, out: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, "-m", "tokenbench.cli", f"output_dir={out}", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, **(env or {})})
+
+
+def run_dirs(out: Path) -> list[Path]:
+    return [p for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")] if out.exists() else []
+
+
+def test_run_writes_record_and_skips_when_complete(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    proc = tokenbench(*TINY, "method=streaming_llm", "method.keep_ratio=0.5", out=out)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(out)
+    rec = json.loads((run_dir / "result.json").read_text())
+    assert rec["run_key"] == run_dir.name
+    assert rec["status"] == "ok" and rec["error"] is None
+    assert rec["n_samples"] == rec["n_samples_expected"] == 6
+    assert rec["method"] == "streaming_llm" and rec["family"] == "kv" and rec["task"] == "niah"
+    assert rec["budget"]["keep_ratio"] == 0.5
+    assert 0.4 < rec["achieved_keep_ratio"] <= 0.55
+    assert set(rec["metrics"]) >= {"accuracy", "rouge1_recall"}
+    for k in ("prefill_ms", "ttft_ms", "tpot_ms", "e2e_ms", "prefill_ms_p90"):
+        assert rec["latency"][k] > 0
+    assert rec["memory"]["kv_cache_bytes"] > 0 and rec["memory"]["weights_bytes"] > 0
+    for k in ("torch", "transformers", "git_sha", "host"):
+        assert k in rec["env"]
+    assert (run_dir / "niah_heatmap.png").stat().st_size > 1000
+    rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
+    assert len(rows) == 6
+    assert "niah × streaming_llm × tiny-llama" in proc.stdout and "accuracy" in proc.stdout  # result table
+
+    before = (run_dir / "samples.jsonl").read_bytes()
+    mtime = (run_dir / "result.json").stat().st_mtime_ns
+    again = tokenbench(*TINY, "method=streaming_llm", "method.keep_ratio=0.5", out=out)
+    assert again.returncode == 0, again.stderr
+    assert (run_dir / "samples.jsonl").read_bytes() == before
+    assert (run_dir / "result.json").stat().st_mtime_ns == mtime  # complete: skipped, nothing rewritten
+    assert len(run_dirs(out)) == 1
+
+
+def test_kill_midway_then_resume_records_every_sample_once(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    args = ["model=tiny-llama", "task.context_lengths=[512,1024]", "task.depths=[0.0,0.2,0.4,0.6,0.8,1.0]",
+            "task.max_new_tokens=16", "measure.fixed_output_tokens=16", "measure.warmup=0", "method=random",
+            "method.keep_ratio=0.5", "wandb.mode=disabled"]
+    cmd = [sys.executable, "-m", "tokenbench.cli", f"output_dir={out}", *args]
+    proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 240
+    log = None
+    try:
+        while time.time() < deadline and proc.poll() is None:
+            dirs = run_dirs(out)
+            if dirs and (dirs[0] / "samples.jsonl").exists():
+                log = dirs[0] / "samples.jsonl"
+                if len(log.read_text().splitlines()) >= 2:
+                    break
+            time.sleep(0.005)
+        assert proc.poll() is None, "run finished before it could be killed; make samples slower"
+        os.kill(proc.pid, signal.SIGKILL)
+    finally:
+        proc.wait()
+    assert log is not None
+    killed_at = len(log.read_text().splitlines())
+    assert 2 <= killed_at < 12
+    assert not (log.parent / "result.json").exists()
+
+    done = tokenbench(*args, out=out)
+    assert done.returncode == 0, done.stderr
+    ids = [json.loads(line)["sample_id"] for line in log.read_text().splitlines() if line.strip()]
+    assert len(ids) == len(set(ids)) == 12  # every sample exactly once
+    rec = json.loads((log.parent / "result.json").read_text())
+    assert rec["status"] == "ok" and rec["n_samples"] == 12
+    assert rec["extra"]["resumed_with"] >= killed_at
+
+
+@pytest.mark.parametrize(
+    ("args", "expect"),
+    [
+        (["method=streamingllm"], "unknown method 'streamingllm'. Did you mean 'streaming_llm'?"),
+        (["task=nia"], "unknown task 'nia'. Did you mean 'niah'?"),
+        (["model=tiny-lama"], "unknown model 'tiny-lama'. Did you mean 'tiny-llama'?"),
+        (["method=random", "method.keep_ratio=-0.5"], "keep_ratio"),
+        (["method=streaming_llm", "method.keep_ratio=1.5"], "keep_ratio"),
+        (["task.haystack_dir=/nonexistent/essays"], "/nonexistent/essays"),
+        (["task.haystack_dir={empty}"], "{empty}"),
+    ],
+)
+def test_bad_input_one_clear_line_nonzero_nothing_written(tmp_path: Path, args: list[str], expect: str) -> None:
+    empty = tmp_path / "empty_essays"
+    empty.mkdir()
+    (empty / "blank.txt").write_text("   \n")
+    args = [a.replace("{empty}", str(empty)) for a in args]
+    expect = expect.replace("{empty}", str(empty))
+    out = tmp_path / "res"
+    proc = tokenbench("model=tiny-llama", *args, out=out, timeout=120)
+    assert proc.returncode != 0
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert lines[0].startswith("tokenbench: error: ")
+    assert expect in lines[0]
+    assert not out.exists()
+
+
+def test_wrong_type_is_hydras_error(tmp_path: Path) -> None:
+    proc = tokenbench("model=tiny-llama", "method=streaming_llm", "method.keep_ratio=half", out=tmp_path / "r",
+                      timeout=120)
+    assert proc.returncode != 0
+    assert "keep_ratio" in proc.stderr and "half" in proc.stderr
+    assert not (tmp_path / "r").exists()
+
+
+def test_wandb_offline_files_hold_config_summary_and_table(tmp_path: Path) -> None:
+    from tokenbench.wandb_log import read_offline_run
+
+    out = tmp_path / "res"
+    proc = tokenbench(*TINY, "method=none", "sweep_name=wb_test", out=out)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(out)
+    rec = json.loads((run_dir / "result.json").read_text())
+    (wb,) = list((run_dir / "wandb").glob("offline-run-*"))
+    assert wb.name.endswith(rec["run_key"])
+    (run_file,) = list(wb.glob("run-*.wandb"))
+    logged = read_offline_run(run_file)
+    assert logged["run"]["run_id"] == rec["run_key"]
+    assert logged["run"]["group"] == "wb_test" and logged["run"]["name"] == "niah/none/tiny-llama"
+    assert logged["config"]["model"]["name"] == "tiny-llama"
+    assert logged["config"]["task"]["context_lengths"] == [128, 192]
+    assert logged["config"]["run_key"] == rec["run_key"]
+    summary = logged["summary"]
+    assert summary["status"] == "ok" and summary["n_samples"] == 6
+    assert summary["metrics/accuracy"] == pytest.approx(rec["metrics"]["accuracy"])
+    assert summary["latency/prefill_ms"] == pytest.approx(rec["latency"]["prefill_ms"])
+    assert summary["memory/kv_cache_bytes"] == pytest.approx(rec["memory"]["kv_cache_bytes"])
+    assert summary["samples/_type"] == "table-file" and summary["samples/nrows"] == 6
+    # The table file itself: one row per sample, with the prediction and the sample's metrics.
+    table = json.loads((wb / "files" / summary["samples/path"]).read_text())
+    assert len(table["data"]) == 6
+    col = table["columns"].index("sample_id")
+    rows = {json.loads(line)["sample_id"]: json.loads(line) for line in (run_dir / "samples.jsonl").open()}
+    assert {r[col] for r in table["data"]} == set(rows)
+    pred = table["columns"].index("prediction")
+    for r in table["data"]:
+        assert r[pred] == rows[r[col]]["prediction"]
+    assert summary["plots/niah_heatmap/_type"] == "image-file"
+
+
+def test_wandb_failure_keeps_local_result(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    proc = tokenbench(*TINY, "method=none", "wandb.mode=bogus", out=out)
+    assert proc.returncode == 0, proc.stderr
+    (run_dir,) = run_dirs(out)
+    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    assert "W&B logging failed" in proc.stdout + proc.stderr
+
+
+def test_help_and_cfg_job(tmp_path: Path) -> None:
+    proc = subprocess.run([sys.executable, "-m", "tokenbench.cli", "--help"], capture_output=True, text=True,
+                          timeout=120)
+    assert proc.returncode == 0
+    assert "streaming_llm" in proc.stdout and "niah" in proc.stdout and "tiny-llama" in proc.stdout
+    proc = subprocess.run([sys.executable, "-m", "tokenbench.cli", "--cfg", "job", "method=streaming_llm",
+                           "method.keep_ratio=0.3"], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0
+    assert "keep_ratio: 0.3" in proc.stdout and "name: streaming_llm" in proc.stdout
