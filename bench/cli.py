@@ -82,12 +82,14 @@ def _fail(message: str, code: int) -> None:
 
 def job(cfg: DictConfig) -> dict[str, Any] | None:
     """One Hydra job: plan (validates, loads nothing), execute, print the result table."""
-    from tokenbench.run import RunFailed, execute, plan
+    from tokenbench.run import RunFailed, execute, plan, record_invalid
 
     logging.getLogger("tokenbench").setLevel(logging.INFO)
     try:
         p = plan(cfg)
     except TokenbenchError as exc:
+        if _is_multirun():
+            record_invalid(cfg, str(exc))
         _fail(str(exc), 2)
         return None
     try:

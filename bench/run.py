@@ -67,6 +67,30 @@ def plan(cfg: DictConfig) -> RunPlan:
                    Path(cfg.output_dir) / key)
 
 
+def record_invalid(cfg: DictConfig, error: str) -> Path | None:
+    """In a sweep, a point whose config is invalid (an impossible budget, say) is recorded as failed with
+    its error, so the sweep's leaderboard shows it; a single run writes nothing on bad input."""
+    from tokenbench.env import environment
+
+    try:
+        model_cfg, method_cfg, task_cfg = (OmegaConf.to_container(cfg[k], resolve=True)
+                                           for k in ("model", "method", "task"))
+    except Exception:  # not even resolvable: nothing meaningful to record
+        return None
+    run_dir = Path(cfg.output_dir) / run_key(model_cfg, method_cfg, task_cfg)
+    now = _now()
+    record = ResultRecord(
+        run_key=run_dir.name, sweep=str(cfg.get("sweep_name", "default")), status="failed", error=error,
+        model=model_cfg["name"], model_params=_params(model_cfg), method=method_cfg["name"], family="",
+        method_params=_params(method_cfg), task=task_cfg["name"], task_params=_params(task_cfg), budget={},
+        achieved_keep_ratio=None, metrics={}, latency={}, memory={}, flops=None, n_samples=0,
+        n_samples_expected=0, env=environment("cpu"), started_at=now, finished_at=now, run_dir=str(run_dir),
+        extra={"invalid_config": True},
+    )
+    write_json_atomic(run_dir / "result.json", record.to_dict())
+    return run_dir
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 

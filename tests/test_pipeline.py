@@ -17,7 +17,8 @@ TINY = ["model=tiny-llama", "task.context_lengths=[128,192]", "task.depths=[0.0,
 
 
 def tokenbench(*args: str, out: Path, timeout: float = 300, env: dict | None = None) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "tokenbench.cli", f"output_dir={out}", *args]
+    flags = [a for a in args if a.startswith("-")]  # Hydra flags (-m) go before the overrides
+    cmd = [sys.executable, "-m", "tokenbench.cli", *flags, f"output_dir={out}", *[a for a in args if a not in flags]]
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
                           env={**os.environ, **(env or {})})
 
@@ -182,3 +183,16 @@ def test_help_and_cfg_job(tmp_path: Path) -> None:
                            "method.keep_ratio=0.3"], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0
     assert "keep_ratio: 0.3" in proc.stdout and "name: streaming_llm" in proc.stdout
+
+
+def test_local_sweep_records_an_invalid_point_as_failed_and_runs_the_rest(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    proc = tokenbench("-m", *TINY, "method=random", "method.keep_ratio=0.5,1.5", "wandb.mode=disabled", out=out)
+    assert proc.returncode == 0, proc.stderr
+    assert "keep_ratio must be in (0, 1], got 1.5" in proc.stderr
+    records = {json.loads((d / "result.json").read_text())["method_params"]["keep_ratio"]:
+               json.loads((d / "result.json").read_text()) for d in run_dirs(out)}
+    assert set(records) == {0.5, 1.5}
+    assert records[0.5]["status"] == "ok" and records[0.5]["n_samples"] == 6
+    assert records[1.5]["status"] == "failed" and "keep_ratio" in records[1.5]["error"]
+    assert records[1.5]["n_samples"] == 0
