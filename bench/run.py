@@ -91,6 +91,34 @@ def record_invalid(cfg: DictConfig, error: str) -> Path | None:
     return run_dir
 
 
+# One loaded model per process: sweep points that share a model (same model config) run in the same process
+# under the local launcher, or in one job under a grouping launcher, and load it once. Methods attach to
+# the model only for the duration of a run (hooks are removed afterwards), so reuse is safe.
+_MODEL_CACHE: dict[str, Any] = {}
+
+
+def load_model(p: RunPlan) -> tuple[Any, float, bool]:
+    """The plan's model, loaded or reused; returns (loaded, seconds spent loading, reused?)."""
+    import gc
+    import json
+    import time
+
+    key = json.dumps(registry.key_fields("model", p.model_cfg), sort_keys=True, default=str)
+    if key in _MODEL_CACHE:
+        return _MODEL_CACHE[key], 0.0, True
+    if _MODEL_CACHE:  # free the previous model before loading the next one
+        _MODEL_CACHE.clear()
+        gc.collect()
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    start = time.perf_counter()
+    loaded = p.model_spec.load()
+    _MODEL_CACHE[key] = loaded
+    return loaded, time.perf_counter() - start, False
+
+
 def _now() -> str:
     return datetime.now(timezone.utc).isoformat(timespec="seconds")
 
@@ -188,9 +216,9 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
     done = {r.get("sample_id") for r in sample_log.read()}
     started = _now()
     status, error, weights_bytes, device, n_expected = "ok", None, None, "cpu", 0
-    loaded = None
+    loaded, load_s, reused = None, None, False
     try:
-        loaded = p.model_spec.load()
+        loaded, load_s, reused = load_model(p)
         weights_bytes, device = loaded.weights_bytes, loaded.device
         samples = p.task.samples(loaded)
         n_expected = len(samples)
@@ -261,6 +289,7 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
         finished_at=_now(),
         run_dir=str(p.run_dir),
         extra={"artifacts": [str(a) for a in artifacts], "resumed_with": len(done),
+               "model_load_s": load_s, "model_reused": reused,
                "model_source": getattr(loaded, "source", None),
                "query_aware": getattr(p.method, "query_aware", None)},
     )

@@ -196,3 +196,17 @@ def test_local_sweep_records_an_invalid_point_as_failed_and_runs_the_rest(tmp_pa
     assert records[0.5]["status"] == "ok" and records[0.5]["n_samples"] == 6
     assert records[1.5]["status"] == "failed" and "keep_ratio" in records[1.5]["error"]
     assert records[1.5]["n_samples"] == 0
+
+
+def test_points_sharing_a_model_load_it_once_per_process(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    proc = tokenbench("-m", *TINY, "method=streaming_llm", "method.keep_ratio=0.25,0.5", "wandb.mode=disabled",
+                      out=out)
+    assert proc.returncode == 0, proc.stderr
+    recs = sorted((json.loads((d / "result.json").read_text()) for d in run_dirs(out)),
+                  key=lambda r: r["started_at"] + str(r["extra"]["model_reused"]))
+    assert [r["extra"]["model_reused"] for r in recs].count(True) == 1
+    fresh = next(r for r in recs if not r["extra"]["model_reused"])
+    reused = next(r for r in recs if r["extra"]["model_reused"])
+    assert fresh["extra"]["model_load_s"] > 0 and reused["extra"]["model_load_s"] == 0
+    assert reused["status"] == "ok" and reused["n_samples"] == 6
