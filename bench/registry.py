@@ -129,28 +129,30 @@ def register_method(name: str, family: str) -> Callable[[type[T]], type[T]]:
     return deco
 
 
-def register_task(name: str) -> Callable[[type[T]], type[T]]:
-    """Register a task dataclass; its class attribute ``families`` lists the method families it evaluates."""
+def _register_with_families(registry: Registry, name: str, default_families: tuple[str, ...]):
+    """Tasks and models declare the method families they accept in a ``families`` class attribute."""
 
     def deco(cls: type[T]) -> type[T]:
-        _check_dataclass(cls, "task")
+        _check_dataclass(cls, registry.kind)
         cls.registered_name = name  # type: ignore[attr-defined]
-        TASKS.add(Entry("task", name, cls, families=tuple(getattr(cls, "families", FAMILIES))))
+        families = tuple(getattr(cls, "families", default_families))
+        unknown = [f for f in families if f not in FAMILIES]
+        if unknown:
+            raise TokenbenchError(f"{registry.kind} '{name}' declares unknown families {unknown}")
+        registry.add(Entry(registry.kind, name, cls, families=families))
         return cls
 
     return deco
+
+
+def register_task(name: str) -> Callable[[type[T]], type[T]]:
+    """Register a task dataclass; its class attribute ``families`` lists the method families it evaluates."""
+    return _register_with_families(TASKS, name, FAMILIES)
 
 
 def register_model(name: str) -> Callable[[type[T]], type[T]]:
     """Register a model dataclass; its class attribute ``families`` lists the method families it supports."""
-
-    def deco(cls: type[T]) -> type[T]:
-        _check_dataclass(cls, "model")
-        cls.registered_name = name  # type: ignore[attr-defined]
-        MODELS.add(Entry("model", name, cls, families=tuple(getattr(cls, "families", ()))))
-        return cls
-
-    return deco
+    return _register_with_families(MODELS, name, ())
 
 
 # --- ConfigStore -------------------------------------------------------------------------------------
