@@ -112,6 +112,10 @@ def _hydra_main(cfg: DictConfig) -> dict[str, Any] | None:
 
 
 def main() -> None:
+    if sys.argv[1:2] == ["leaderboard"]:  # `tokenbench leaderboard ...` == `tokenbench-leaderboard ...`
+        from tokenbench import leaderboard
+
+        sys.exit(leaderboard.main(sys.argv[2:]))
     registry.load_all()
     store_base_config()
     try:

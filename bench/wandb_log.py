@@ -181,7 +181,8 @@ def read_offline_run(path: str | Path) -> dict[str, Any]:
         kind = rec.WhichOneof("record_type")
         if kind == "run":
             out["run"] = {"run_id": rec.run.run_id, "project": rec.run.project, "group": rec.run.run_group,
-                          "name": rec.run.display_name, "tags": list(rec.run.tags)}
+                          "name": rec.run.display_name, "tags": list(rec.run.tags),
+                          "job_type": rec.run.job_type}
             out["config"].update(items_to_dict(rec.run.config.update))
         elif kind == "config":
             out["config"].update(items_to_dict(rec.config.update))
