@@ -118,6 +118,11 @@ def main() -> None:
         sys.exit(leaderboard.main(sys.argv[2:]))
     registry.load_all()
     store_base_config()
+    # Our Hydra launchers (grouping sweep points by model); an editable install hides them from Hydra's
+    # plugin scan, so they are registered explicitly.
+    from hydra_plugins.tokenbench_launcher import register
+
+    register()
     try:
         check_override_names(sys.argv[1:])
     except TokenbenchError as exc:
