@@ -1,0 +1,7 @@
+"""``python -m tokenbench.leaderboard``: the ``tokenbench-leaderboard`` command."""
+
+import sys
+
+from .cli import main
+
+sys.exit(main())
