@@ -28,14 +28,16 @@ PNG = b"\x89PNG\r\n\x1a\n"
 
 def _failed_record(root: Path) -> Path:
     """What a sweep writes for an invalid point (tokenbench.run.record_invalid), by hand."""
+    # Same resolved task/model config as the sweep's other points (record_invalid writes the full config).
+    sibling = json.loads(next(root.glob("*/result.json")).read_text())
     run_dir = root / "deadbeef00000000"
     run_dir.mkdir(parents=True)
     record = {
         "run_key": run_dir.name, "sweep": "default", "status": "failed", "error": FAILED_ERROR,
-        "model": "tiny-llama", "model_params": {}, "method": "streaming_llm", "family": "",
+        "model": "tiny-llama", "model_params": sibling["model_params"], "method": "streaming_llm", "family": "",
         "method_params": {"keep_ratio": 1.5, "n_keep": None, "query_aware": False, "phase": None,
                           "n_sink": 4},
-        "task": "niah", "task_params": {"context_lengths": [128]}, "budget": {}, "achieved_keep_ratio": None,
+        "task": "niah", "task_params": sibling["task_params"], "budget": {}, "achieved_keep_ratio": None,
         "metrics": {}, "latency": {}, "memory": {}, "flops": None, "n_samples": 0, "n_samples_expected": 0,
         "env": {}, "started_at": "2026-01-01T00:00:00+00:00", "finished_at": "2026-01-01T00:00:00+00:00",
         "run_dir": str(run_dir), "extra": {"invalid_config": True},
@@ -366,3 +368,19 @@ def test_hand_built_leaderboard(tmp_path) -> None:
     assert (tmp_path / "lb" / "imagenet_pareto.png").read_bytes().startswith(PNG)
     pd.testing.assert_frame_equal(pd.read_csv(tmp_path / "lb" / "imagenet.csv"), lb.tasks["imagenet"].frame,
                                   check_dtype=False)
+
+
+def test_runs_of_different_task_settings_get_separate_boards() -> None:
+    from tokenbench.leaderboard.build import task_settings
+
+    def rec(key: str, lengths: list[int], method: str = "none") -> dict:
+        return {"run_key": key, "task": "niah", "method": method, "task_params": {"context_lengths": lengths,
+                                                                                  "depths": [0.5]}}
+
+    boards = task_settings([rec("a", [1024]), rec("b", [256, 512]), rec("c", [1024], "random"),
+                            {"run_key": "d", "task": "other", "method": "none", "task_params": {}}])
+    assert list(boards) == ["niah-1", "niah-2", "other"]
+    assert [r["run_key"] for r in boards["niah-1"][2]] == ["a", "c"]
+    assert boards["niah-1"][1] == "context_lengths=[1024]"
+    assert boards["niah-2"][1] == "context_lengths=[256, 512]"
+    assert boards["other"][:2] == ("other", "")

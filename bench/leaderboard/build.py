@@ -28,6 +28,7 @@ class TaskBoard:
     table: pd.DataFrame  # the human table (what Markdown/HTML/terminal show)
     axes: dict[str, tuple]
     files: dict[str, Path] = field(default_factory=dict)
+    setting: str = ""  # the task parameters that set this board apart from the task's other boards
 
 
 @dataclass
@@ -39,6 +40,34 @@ class Leaderboard:
     out_dir: Path
     files: list[Path]
     wandb_dir: Path | None = None  # the W&B run folder (offline-run-… / run-…), None when disabled/failed
+
+
+def task_settings(records: list[dict[str, Any]]) -> dict[str, tuple[str, str, list[dict[str, Any]]]]:
+    """Records grouped into boards: one per task and task configuration (runs at other context lengths or
+    on another haystack are not comparable). Board names are the task name, or ``<task>-<k>`` (k = 1, 2, …
+    in order of first appearance) when a task was run with several configurations; the setting string
+    names the task parameters that differ between them."""
+    import json
+
+    by_task: dict[str, dict[str, list[dict[str, Any]]]] = {}
+    for r in records:
+        key = json.dumps(r.get("task_params") or {}, sort_keys=True, default=str)
+        by_task.setdefault(r["task"], {}).setdefault(key, []).append(r)
+    out: dict[str, tuple[str, str, list[dict[str, Any]]]] = {}
+    for task in sorted(by_task):
+        settings = by_task[task]
+        if len(settings) == 1:
+            (recs,) = settings.values()
+            out[task] = (task, "", recs)
+            continue
+        params = [json.loads(k) for k in settings]
+        varying = sorted({k for p in params for k in p if len({json.dumps(q.get(k), default=str)
+                                                                 for q in params}) > 1})
+        for i, (key, recs) in enumerate(settings.items(), 1):
+            p = json.loads(key)
+            desc = ", ".join(f"{k}={p.get(k)}" for k in varying)
+            out[f"{task}-{i}"] = (task, desc if len(desc) <= 120 else desc[:117] + "...", recs)
+    return out
 
 
 def build_leaderboard(results_dir: str | Path, out_dir: str | Path, wandb_mode: str = "offline",
@@ -55,13 +84,13 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path, wandb_mode: 
     out.mkdir(parents=True, exist_ok=True)
     records = load_records(results_dir, sweep=sweep, tasks=tasks)
     samples: dict[str, list[dict[str, Any]]] = {}
-    frame = records_frame(records, bootstrap=bootstrap, seed=seed, confidence=confidence, samples=samples)
 
     boards: dict[str, TaskBoard] = {}
     files: list[Path] = []
     parts = []
-    for task in sorted(frame["task"].unique()) if len(frame) else []:
-        sub = frame[frame["task"] == task]
+    for name, (task, setting, recs) in task_settings(records).items():
+        # Labels are disambiguated within one board only: runs of another task setting are not rivals.
+        sub = records_frame(recs, bootstrap=bootstrap, seed=seed, confidence=confidence, samples=samples)
         # Columns of other tasks (their metrics, images_per_s, ...) go; identity columns stay.
         empty = [c for c in sub.columns if c not in _IDENTITY and c not in _TAIL and sub[c].isna().all()]
         sub = sub.drop(columns=empty)
@@ -74,10 +103,11 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path, wandb_mode: 
             log.warning("task %s: main metric '%s' is in no record", task, main)
         sub, axes = add_fronts(sub, main)
         sub = _order_columns(_sort_key(sub), main).reset_index(drop=True)
-        board = TaskBoard(task, main, sub, display_table(sub, main), axes)
-        title = _task_title(task, sub)
+        sub.insert(0, "board", name)
+        board = TaskBoard(name, main, sub, display_table(sub, main), axes, setting=setting)
+        title = _task_title(task, sub) + (f" · {setting}" if setting else "")
         try:
-            p = plot_pareto(sub, main, axes, out / f"{task}_pareto.png", f"Pareto fronts — {title}")
+            p = plot_pareto(sub, main, axes, out / f"{name}_pareto.png", f"Pareto fronts — {title}")
             if p:
                 board.files["pareto"] = p
         except Exception as exc:  # a plot must not cost the tables
@@ -86,18 +116,18 @@ def build_leaderboard(results_dir: str | Path, out_dir: str | Path, wandb_mode: 
             try:
                 metric = main if main and any(main in (r.get("metrics") or {}) for k in sub["run_key"]
                                               for r in samples.get(k, [])[:1]) else "accuracy"
-                p = plot_heatmaps(sub, samples, metric, out / f"{task}_heatmaps.png",
+                p = plot_heatmaps(sub, samples, metric, out / f"{name}_heatmaps.png",
                                   f"{metric} by needle depth × context length — {title}")
                 if p:
                     board.files["heatmaps"] = p
             except Exception as exc:
                 log.warning("heatmaps for %s failed: %s", task, exc)
         _write_task(board, out, bootstrap=bootstrap, confidence=confidence, seed=seed)
-        boards[task] = board
+        boards[name] = board
         parts.append(sub)
         files += list(board.files.values())
 
-    full = pd.concat(parts, ignore_index=True) if parts else frame
+    full = pd.concat(parts, ignore_index=True) if parts else pd.DataFrame()
     if len(full):
         full = _order_columns(full, None)
     runs_csv = out / "runs.csv"

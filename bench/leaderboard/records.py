@@ -304,7 +304,8 @@ def _order_columns(frame: pd.DataFrame, main: str | None) -> pd.DataFrame:
     buckets = [c for c in rest if "@" in c]
     lat = [c for c in frame.columns if c.removesuffix("_p90") in LATENCY_KEYS]
     pareto = [c for c in frame.columns if c.startswith("pareto_")]
-    cols = ([c for c in _IDENTITY if c in frame.columns] + main_cols + headline + ["achieved_keep_ratio"]
+    keep = ["achieved_keep_ratio"] if "achieved_keep_ratio" in frame.columns else []
+    cols = ([c for c in _IDENTITY if c in frame.columns] + main_cols + headline + keep
             + lat + [c for c in MEMORY_KEYS if c in frame.columns] + pareto + buckets
             + [c for c in _TAIL if c in frame.columns])
     cols += [c for c in frame.columns if c not in cols]

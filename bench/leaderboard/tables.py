@@ -194,7 +194,7 @@ def _write_task(board: TaskBoard, out: Path, *, bootstrap: int, confidence: floa
     board.files["csv"] = csv_path
     images = [p for k, p in board.files.items() if k in ("pareto", "heatmaps")]
     note = _note(board.main_metric, board.axes, bootstrap, confidence, seed)
-    title = _task_title(task, frame)
+    title = _task_title(task, frame) + (f" · {board.setting}" if board.setting else "")
     n_ok = int((frame["status"] == "ok").sum())
 
     md = [f"# {task}", "", f"{title}. {n_ok} ok run(s) of {len(frame)}.", "",
