@@ -2,12 +2,17 @@
 
 from __future__ import annotations
 
+import os
 import platform
 import socket
 import subprocess
 from functools import lru_cache
 from pathlib import Path
 from typing import Any
+
+
+_SLURM_VARS = ("SLURM_JOB_ID", "SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_RESTART_COUNT",
+               "SLURM_JOB_PARTITION")
 
 
 @lru_cache(maxsize=1)
@@ -43,4 +48,6 @@ def environment(device: str = "cpu") -> dict[str, Any]:
         "git_sha": git_sha(),
         "host": socket.gethostname(),
         "num_threads": torch.get_num_threads(),
+        # Links a record to its SLURM job (and says how often it was requeued) when run under SLURM.
+        **{k.lower(): os.environ[k] for k in _SLURM_VARS if k in os.environ},
     }

@@ -6,6 +6,9 @@ import os
 
 import pytest
 
+# The session fixture `slurm_cluster` (starts/stops a local single-node SLURM cluster; tests/slurm_cluster.py).
+pytest_plugins = ["slurm_cluster"]
+
 # No machine here reaches a model hub; make transformers/huggingface_hub fail fast instead of retrying.
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("WANDB_SILENT", "true")

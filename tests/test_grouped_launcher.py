@@ -19,7 +19,7 @@ from typing import Any
 
 import pytest
 from hydra_plugins.tokenbench_launcher import group_points, model_overrides
-from slurm_cluster import SlurmCluster, slurm_cluster  # noqa: F401  (the session fixture)
+from slurm_cluster import SlurmCluster  # the `slurm_cluster` fixture comes from conftest (pytest_plugins)
 
 
 def ov(*items: str) -> list[str]:
