@@ -210,3 +210,14 @@ def test_points_sharing_a_model_load_it_once_per_process(tmp_path: Path) -> None
     reused = next(r for r in recs if r["extra"]["model_reused"])
     assert fresh["extra"]["model_load_s"] > 0 and reused["extra"]["model_load_s"] == 0
     assert reused["status"] == "ok" and reused["n_samples"] == 6
+
+
+def test_sweep_preset_expands_into_its_points(tmp_path: Path) -> None:
+    out = tmp_path / "res"
+    proc = tokenbench("-m", "+sweep=smoke", "wandb.mode=disabled", out=out)
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads((d / "result.json").read_text()) for d in run_dirs(out)]
+    assert sorted((r["method"], r["budget"]["keep_ratio"]) for r in recs) == [
+        ("random", 0.25), ("random", 0.5), ("streaming_llm", 0.25), ("streaming_llm", 0.5)]
+    assert {r["sweep"] for r in recs} == {"smoke"} and {r["status"] for r in recs} == {"ok"}
+    assert (out / "_sweeps" / "smoke").is_dir()

@@ -145,6 +145,25 @@ def test_sweep_runs_as_slurm_job_array(slurm_cluster: SlurmCluster, sweep4) -> N
     assert "#SBATCH --requeue" in script and "OMP_NUM_THREADS=$SLURM_CPUS_PER_TASK" in script
 
 
+def test_leaderboard_of_the_slurm_sweep(sweep4, tmp_path: Path) -> None:
+    """The leaderboard built from the 4 SLURM records: 4 rows, its PNGs, and the W&B leaderboard table."""
+    from tokenbench.leaderboard import build_leaderboard
+    from tokenbench.wandb_log import read_offline_run
+
+    sweep, proc = sweep4
+    assert proc.returncode == 0, report(proc, sweep)
+    lb = build_leaderboard(sweep.out, tmp_path / "lb", wandb_mode="offline", bootstrap=200)
+    (board,) = lb.tasks.values()
+    assert len(board.frame) == 4 and set(board.frame["status"]) == {"ok"}
+    for key in ("pareto", "heatmaps"):
+        assert board.files[key].read_bytes().startswith(b"\x89PNG")
+    (run_file,) = (tmp_path / "lb" / "wandb").glob("offline-run-*/run-*.wandb")
+    logged = read_offline_run(run_file)
+    assert logged["run"]["job_type"] == "leaderboard"
+    assert logged["summary"][f"leaderboard/{board.task}/_type"] == "table-file"
+    assert logged["summary"][f"leaderboard/{board.task}/nrows"] == 4
+
+
 # --------------------------------------------------------------------------------------------------------
 # (b) preemption: a requeued point resumes from its samples.jsonl; every sample is recorded exactly once
 
