@@ -4,9 +4,10 @@ against. It runs through the same runner and hooks as every other method, so its
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
-from typing import Any, ClassVar, Optional
+from dataclasses import dataclass
+from typing import Any, ClassVar
 
+from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import PHASES, KVMethod
 from tokenbench.registry import register_method
 
@@ -18,11 +19,17 @@ class NoKV(KVMethod):
     the question, or context then question), so the baseline matches either setting of the other methods."""
 
     supported_phases: ClassVar[tuple[str, ...]] = PHASES
+    takes_budget: ClassVar[bool] = False
 
-    # Not parameters of the baseline (init=False keeps them out of the config schema).
-    keep_ratio: float = field(default=1.0, init=False)
-    n_keep: Optional[int] = field(default=None, init=False)
-    phase: Optional[str] = field(default=None, init=False)
+    # The budget fields stay in the schema (so a sweep `-m method=a,b method.keep_ratio=0.5`, whose base config
+    # Hydra composes with this default method, is valid), but the baseline accepts only keep-all.
+    def validate(self) -> None:
+        super().validate()
+        if float(self.keep_ratio) != 1.0 or self.n_keep is not None:
+            raise TokenbenchError(
+                f"method 'none' keeps every token and takes no budget (got keep_ratio={self.keep_ratio}, "
+                f"n_keep={self.n_keep}); run it once as the baseline"
+            )
 
     def is_noop(self) -> bool:
         return True

@@ -32,7 +32,7 @@ def init_fields(cls: type) -> set[str]:
 
 
 def configurable(cls: type) -> bool:
-    return {"keep_ratio", "n_keep"} <= init_fields(cls)
+    return cls.takes_budget and {"keep_ratio", "n_keep"} <= init_fields(cls)
 
 
 DECODERS = [c for c in KV_METHODS if configurable(c) and "decode" in c.supported_phases]
@@ -205,8 +205,10 @@ def test_unsupported_phase_and_bad_n_sink() -> None:
         _PrefillOnly(phase="decode")
     with pytest.raises(TokenbenchError, match="n_sink"):
         METHODS.get("streaming_llm").cls(n_sink=-1)
-    with pytest.raises(TypeError):
+    with pytest.raises(TokenbenchError, match="takes no budget"):
         NoneKV(keep_ratio=0.5)  # the baseline has no budget
+    with pytest.raises(TokenbenchError, match="takes no budget"):
+        NoneKV(n_keep=10)
 
 
 def test_nominal_budget_and_noop() -> None:

@@ -221,3 +221,14 @@ def test_sweep_preset_expands_into_its_points(tmp_path: Path) -> None:
         ("random", 0.25), ("random", 0.5), ("streaming_llm", 0.25), ("streaming_llm", 0.5)]
     assert {r["sweep"] for r in recs} == {"smoke"} and {r["status"] for r in recs} == {"ok"}
     assert (out / "_sweeps" / "smoke").is_dir()
+
+
+def test_method_sweep_with_one_fixed_budget_composes(tmp_path: Path) -> None:
+    """Hydra composes a sweep's base config with the default method (`none`) and the fixed overrides."""
+    out = tmp_path / "res"
+    proc = tokenbench("-m", *TINY, "method=streaming_llm,random", "method.keep_ratio=0.5", "wandb.mode=disabled",
+                      out=out)
+    assert proc.returncode == 0, proc.stderr
+    recs = [json.loads((d / "result.json").read_text()) for d in run_dirs(out)]
+    assert sorted(r["method"] for r in recs) == ["random", "streaming_llm"]
+    assert {r["status"] for r in recs} == {"ok"} and {r["budget"]["keep_ratio"] for r in recs} == {0.5}

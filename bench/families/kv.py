@@ -79,6 +79,7 @@ class KVMethod(Method):
     supported_phases: ClassVar[tuple[str, ...]] = ("prefill",)  # which of PHASES the method implements
     default_phase: ClassVar[str] = "prefill"  # the phase used when ``phase`` is not set
     needs_attentions: ClassVar[bool] = False  # score() needs attention weights (model must run eager)
+    takes_budget: ClassVar[bool] = True  # False for the keep-all baseline
 
     keep_ratio: float = 1.0  # fraction of the compressed segment's tokens kept, in (0, 1]
     n_keep: Optional[int] = None  # absolute token budget for the segment; overrides keep_ratio when set
