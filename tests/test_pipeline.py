@@ -232,3 +232,32 @@ def test_method_sweep_with_one_fixed_budget_composes(tmp_path: Path) -> None:
     recs = [json.loads((d / "result.json").read_text()) for d in run_dirs(out)]
     assert sorted(r["method"] for r in recs) == ["random", "streaming_llm"]
     assert {r["status"] for r in recs} == {"ok"} and {r["budget"]["keep_ratio"] for r in recs} == {0.5}
+
+
+def test_method_of_another_family_fails_before_loading(tmp_path: Path) -> None:
+    """A plugin (entry point `tokenbench.plugins`) registers a vit method; pairing it with an LLM says what fits."""
+    site = tmp_path / "site"
+    (site / "tb_vit_plugin").mkdir(parents=True)
+    (site / "tb_vit_plugin" / "__init__.py").write_text(
+        "from dataclasses import dataclass\n"
+        "from tokenbench import register_method\n"
+        "from tokenbench.method import Method\n\n"
+        "@register_method('fake_vit_merge', family='vit')\n"
+        "@dataclass\n"
+        "class FakeVitMerge(Method):\n"
+        "    family = 'vit'\n"
+        "    r: int = 8  # tokens merged per layer\n")
+    dist = site / "tb_vit_plugin-0.1.dist-info"
+    dist.mkdir()
+    (dist / "METADATA").write_text("Metadata-Version: 2.1\nName: tb-vit-plugin\nVersion: 0.1\n")
+    (dist / "entry_points.txt").write_text("[tokenbench.plugins]\nvit = tb_vit_plugin\n")
+    env = {"PYTHONPATH": os.pathsep.join([str(site), os.environ.get("PYTHONPATH", "")])}
+    out = tmp_path / "res"
+    proc = tokenbench("model=tiny-llama", "method=fake_vit_merge", "method.r=4", out=out, env=env, timeout=120)
+    assert proc.returncode == 2
+    lines = [line for line in proc.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1, proc.stderr
+    assert "method 'fake_vit_merge' (family vit) does not fit model 'tiny-llama'" in lines[0]
+    works = lines[0].split("Methods that work here: ")[1].split(", ")
+    assert {"none", "random", "streaming_llm"} <= set(works) and "fake_vit_merge" not in works
+    assert not out.exists()
