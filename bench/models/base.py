@@ -18,6 +18,15 @@ class LoadedModel:
     source: str = ""  # where the weights came from (hub id, local path, GGUF cache, random init)
     info: dict[str, Any] = field(default_factory=dict)
 
+    @classmethod
+    def wrap(cls, model: Any, tokenizer: Any, device: str, dtype: Any, source: str,
+             info: dict[str, Any] | None = None) -> LoadedModel:
+        """A loaded torch model with its weight bytes counted (tied weights once) and dtype named plainly."""
+        from tokenbench.models.hf_utils import count_weight_bytes
+
+        return cls(model=model, tokenizer=tokenizer, device=device, dtype=str(dtype).removeprefix("torch."),
+                   weights_bytes=count_weight_bytes(model), source=source, info=info or {})
+
 
 @dataclass
 class ModelSpec:

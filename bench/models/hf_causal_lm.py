@@ -16,7 +16,6 @@ from tokenbench.errors import TokenbenchError
 from tokenbench.models.base import LoadedModel, ModelSpec
 from tokenbench.models.hf_utils import (
     _DTYPES,
-    count_weight_bytes,
     hub_endpoint,
     hub_offline,
     hub_reachable,
@@ -154,15 +153,7 @@ class HFCausalLM(ModelSpec):
             "vocab_size": getattr(text_config, "vocab_size", None),
             "attn_implementation": getattr(config, "_attn_implementation", self.attn_implementation),
         }
-        return LoadedModel(
-            model=model,
-            tokenizer=tokenizer,
-            device=device,
-            dtype=str(dtype).removeprefix("torch."),
-            weights_bytes=count_weight_bytes(model),
-            source=source,
-            info=info,
-        )
+        return LoadedModel.wrap(model, tokenizer, device, dtype, source=source, info=info)
 
     def _load_tokenizer(self, location: str, kwargs: dict[str, Any]):
         from transformers import AutoTokenizer

@@ -8,7 +8,7 @@ from typing import ClassVar
 
 from tokenbench.errors import TokenbenchError
 from tokenbench.models.base import LoadedModel, ModelSpec
-from tokenbench.models.hf_utils import count_weight_bytes, resolve_device, resolve_dtype
+from tokenbench.models.hf_utils import resolve_device, resolve_dtype
 from tokenbench.registry import register_model
 
 # ChatML, as SmolLM2 and Qwen use it, so tiny models exercise the same chat-template path as real ones.
@@ -105,11 +105,4 @@ class TinyLlama(ModelSpec):
             torch.manual_seed(self.seed)
             model = LlamaForCausalLM(config)
         model = model.to(device=device, dtype=dtype).eval()
-        return LoadedModel(
-            model=model,
-            tokenizer=tok,
-            device=device,
-            dtype=str(dtype).removeprefix("torch."),
-            weights_bytes=count_weight_bytes(model),
-            source=f"random init (seed {self.seed})",
-        )
+        return LoadedModel.wrap(model, tok, device, dtype, source=f"random init (seed {self.seed})")
