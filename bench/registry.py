@@ -246,9 +246,9 @@ def build(kind: str, node: Any, family: str | None = None) -> Any:
     name = values.pop("name")
     entry = REGISTRIES[kind].get(name, family)
     own = {f.name for f in dataclasses.fields(entry.cls) if f.init}
-    schema_defaults = {
-        f.name: f.default for f in dataclasses.fields(_schema(kind, name, [e.cls for e in REGISTRIES[kind].entries(name)]))
-    }
+    # The stored ConfigStore node holds the defaults of every field the name answers to (for none/random,
+    # the union over families): a value of another family's field is fine only at its default.
+    schema_defaults = OmegaConf.to_container(ConfigStore.instance().repo[kind][f"{name}.yaml"].node)
     foreign = {k: v for k, v in values.items() if k not in own}
     for k, v in foreign.items():
         if v != schema_defaults.get(k):

@@ -16,7 +16,7 @@ import os
 import tempfile
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Optional
 
 log = logging.getLogger(__name__)
 
@@ -132,12 +132,3 @@ def read_result(run_dir: Path) -> Optional[dict[str, Any]]:
         return json.loads(path.read_text())
     except json.JSONDecodeError:
         return None
-
-
-def iter_results(root: Path) -> Iterable[dict[str, Any]]:
-    """Every result record under ``root`` (recursively)."""
-    for path in sorted(Path(root).rglob("result.json")):
-        try:
-            yield json.loads(path.read_text())
-        except json.JSONDecodeError:
-            log.warning("unreadable result record %s; skipped", path)

@@ -17,6 +17,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from tokenbench import registry
 from tokenbench.errors import TokenbenchError
+from tokenbench.measure import quantile
 from tokenbench.results import ResultRecord, SampleLog, read_result, run_key, write_json_atomic
 
 log = logging.getLogger(__name__)
@@ -136,15 +137,6 @@ def make_runner(family: str, loaded: Any, method: Any, measure: Any) -> Any:
     return _import(RUNNERS[family])(loaded, method, measure)
 
 
-def _quantile(values: list[float], q: float) -> float:
-    vals = sorted(values)
-    if not vals:
-        return float("nan")
-    pos = (len(vals) - 1) * q
-    lo, hi = int(pos), min(int(pos) + 1, len(vals) - 1)
-    return vals[lo] + (vals[hi] - vals[lo]) * (pos - lo)
-
-
 def summarize_latency(rows: list[dict]) -> dict[str, float]:
     """Median (the headline value), p50, p90 and mean of every per-sample latency key."""
     keys = sorted({k for r in rows for k, v in (r.get("latency") or {}).items() if isinstance(v, (int, float))})
@@ -153,9 +145,8 @@ def summarize_latency(rows: list[dict]) -> dict[str, float]:
         vals = [r["latency"][k] for r in rows if isinstance((r.get("latency") or {}).get(k), (int, float))]
         if not vals or k.endswith("_spread"):
             continue
-        out[k] = statistics.median(vals)
-        out[f"{k}_p50"] = _quantile(vals, 0.5)
-        out[f"{k}_p90"] = _quantile(vals, 0.9)
+        out[k] = out[f"{k}_p50"] = quantile(vals, 0.5)  # the median is the headline value
+        out[f"{k}_p90"] = quantile(vals, 0.9)
         out[f"{k}_mean"] = statistics.fmean(vals)
     return out
 
