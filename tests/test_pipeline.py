@@ -27,12 +27,21 @@ def run_dirs(out: Path) -> list[Path]:
     return [p for p in out.iterdir() if p.is_dir() and not p.name.startswith("_")] if out.exists() else []
 
 
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "result.json").read_text())
+
+
+def records(out: Path) -> list[dict]:
+    """The result records of every run under ``out`` (Hydra's ``_sweeps`` folder left out)."""
+    return [record(d) for d in run_dirs(out)]
+
+
 def test_run_writes_record_and_skips_when_complete(tmp_path: Path) -> None:
     out = tmp_path / "res"
     proc = tokenbench(*TINY, "method=streaming_llm", "method.keep_ratio=0.5", out=out)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(out)
-    rec = json.loads((run_dir / "result.json").read_text())
+    rec = record(run_dir)
     assert rec["run_key"] == run_dir.name
     assert rec["status"] == "ok" and rec["error"] is None
     assert rec["n_samples"] == rec["n_samples_expected"] == 6
@@ -89,7 +98,7 @@ def test_kill_midway_then_resume_records_every_sample_once(tmp_path: Path) -> No
     assert done.returncode == 0, done.stderr
     ids = [json.loads(line)["sample_id"] for line in log.read_text().splitlines() if line.strip()]
     assert len(ids) == len(set(ids)) == 12  # every sample exactly once
-    rec = json.loads((log.parent / "result.json").read_text())
+    rec = record(log.parent)
     assert rec["status"] == "ok" and rec["n_samples"] == 12
     assert rec["extra"]["resumed_with"] >= killed_at
 
@@ -137,7 +146,7 @@ def test_wandb_offline_files_hold_config_summary_and_table(tmp_path: Path) -> No
     proc = tokenbench(*TINY, "method=none", "sweep_name=wb_test", out=out)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(out)
-    rec = json.loads((run_dir / "result.json").read_text())
+    rec = record(run_dir)
     (wb,) = list((run_dir / "wandb").glob("offline-run-*"))
     assert wb.name.endswith(rec["run_key"])
     (run_file,) = list(wb.glob("run-*.wandb"))
@@ -170,7 +179,7 @@ def test_wandb_failure_keeps_local_result(tmp_path: Path) -> None:
     proc = tokenbench(*TINY, "method=none", "wandb.mode=bogus", out=out)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(out)
-    assert json.loads((run_dir / "result.json").read_text())["status"] == "ok"
+    assert record(run_dir)["status"] == "ok"
     assert "W&B logging failed" in proc.stdout + proc.stderr
 
 
@@ -190,12 +199,11 @@ def test_local_sweep_records_an_invalid_point_as_failed_and_runs_the_rest(tmp_pa
     proc = tokenbench("-m", *TINY, "method=random", "method.keep_ratio=0.5,1.5", "wandb.mode=disabled", out=out)
     assert proc.returncode == 0, proc.stderr
     assert "keep_ratio must be in (0, 1], got 1.5" in proc.stderr
-    records = {json.loads((d / "result.json").read_text())["method_params"]["keep_ratio"]:
-               json.loads((d / "result.json").read_text()) for d in run_dirs(out)}
-    assert set(records) == {0.5, 1.5}
-    assert records[0.5]["status"] == "ok" and records[0.5]["n_samples"] == 6
-    assert records[1.5]["status"] == "failed" and "keep_ratio" in records[1.5]["error"]
-    assert records[1.5]["n_samples"] == 0
+    by_ratio = {r["method_params"]["keep_ratio"]: r for r in records(out)}
+    assert set(by_ratio) == {0.5, 1.5}
+    assert by_ratio[0.5]["status"] == "ok" and by_ratio[0.5]["n_samples"] == 6
+    assert by_ratio[1.5]["status"] == "failed" and "keep_ratio" in by_ratio[1.5]["error"]
+    assert by_ratio[1.5]["n_samples"] == 0
 
 
 def test_points_sharing_a_model_load_it_once_per_process(tmp_path: Path) -> None:
@@ -203,7 +211,7 @@ def test_points_sharing_a_model_load_it_once_per_process(tmp_path: Path) -> None
     proc = tokenbench("-m", *TINY, "method=streaming_llm", "method.keep_ratio=0.25,0.5", "wandb.mode=disabled",
                       out=out)
     assert proc.returncode == 0, proc.stderr
-    recs = sorted((json.loads((d / "result.json").read_text()) for d in run_dirs(out)),
+    recs = sorted(records(out),
                   key=lambda r: r["started_at"] + str(r["extra"]["model_reused"]))
     assert [r["extra"]["model_reused"] for r in recs].count(True) == 1
     fresh = next(r for r in recs if not r["extra"]["model_reused"])
@@ -216,7 +224,7 @@ def test_sweep_preset_expands_into_its_points(tmp_path: Path) -> None:
     out = tmp_path / "res"
     proc = tokenbench("-m", "+sweep=smoke", "wandb.mode=disabled", out=out)
     assert proc.returncode == 0, proc.stderr
-    recs = [json.loads((d / "result.json").read_text()) for d in run_dirs(out)]
+    recs = records(out)
     assert sorted((r["method"], r["budget"]["keep_ratio"]) for r in recs) == [
         ("random", 0.25), ("random", 0.5), ("streaming_llm", 0.25), ("streaming_llm", 0.5)]
     assert {r["sweep"] for r in recs} == {"smoke"} and {r["status"] for r in recs} == {"ok"}
@@ -229,7 +237,7 @@ def test_method_sweep_with_one_fixed_budget_composes(tmp_path: Path) -> None:
     proc = tokenbench("-m", *TINY, "method=streaming_llm,random", "method.keep_ratio=0.5", "wandb.mode=disabled",
                       out=out)
     assert proc.returncode == 0, proc.stderr
-    recs = [json.loads((d / "result.json").read_text()) for d in run_dirs(out)]
+    recs = records(out)
     assert sorted(r["method"] for r in recs) == ["random", "streaming_llm"]
     assert {r["status"] for r in recs} == {"ok"} and {r["budget"]["keep_ratio"] for r in recs} == {0.5}
 
