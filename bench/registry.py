@@ -252,7 +252,8 @@ def build(kind: str, node: Any, family: str | None = None) -> Any:
     foreign = {k: v for k, v in values.items() if k not in own}
     for k, v in foreign.items():
         if v != schema_defaults.get(k):
-            raise TokenbenchError(f"{kind} '{name}' for family '{entry.family}' has no parameter '{k}'")
+            where = f" for family '{entry.family}'" if entry.family else ""
+            raise TokenbenchError(f"{kind} '{name}'{where} has no parameter '{k}'")
     return entry.cls(**{k: v for k, v in values.items() if k in own})
 
 

@@ -144,3 +144,23 @@ def test_plugin_entry_point_registers(tmp_path, monkeypatch) -> None:
     finally:
         registry.METHODS._entries.pop("plugin_probe", None)
         sys.modules.pop("tb_test_plugin", None)
+
+
+@pytest.mark.parametrize("name", registry.TASKS.names())
+def test_every_task_builds_scores_and_rejects_unknown_parameters(name: str) -> None:
+    """Every registered task: default samples on the tiny tokenizer, metrics in [0, 1], a clear error for a
+    parameter it does not have."""
+    from tokenbench.models.base import LoadedModel
+    from tokenbench.models.tiny import tiny_tokenizer
+
+    task = registry.build("task", {"name": name})
+    samples = task.samples(LoadedModel(model=None, tokenizer=tiny_tokenizer()))
+    assert samples and len({s.id for s in samples}) == len(samples)
+    s = samples[0]
+    perfect = task.score(s, s.answer if isinstance(s.answer, str) else str(s.answer))
+    wrong = task.score(s, "")
+    assert perfect and set(perfect) == set(wrong)
+    assert all(0.0 <= v <= 1.0 for v in [*perfect.values(), *wrong.values()])
+    assert max(perfect.values()) == 1.0
+    with pytest.raises(TokenbenchError, match="no parameter 'no_such_field'"):
+        registry.build("task", {"name": name, "no_such_field": 1})
