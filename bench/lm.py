@@ -33,6 +33,7 @@ growth reported as ``peak_allocated``, ``peak_reserved`` is ``None``).
 
 from __future__ import annotations
 
+import inspect
 import logging
 from dataclasses import dataclass, field
 from typing import Any, Optional
@@ -40,27 +41,56 @@ from typing import Any, Optional
 import torch
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.kv import KVMethod
-from tokenbench.measure import Timer, cache_bytes, cache_lengths, peak_memory, summarize_repeats
+from tokenbench.families.kv import KVMethod, attention_modules
+from tokenbench.kv_cache import EvictionCache
+from tokenbench.measure import Timer, peak_memory, summarize_repeats
 
 log = logging.getLogger(__name__)
 
 
 @dataclass
 class Prompt:
-    """A tokenised prompt split into the compressible prefix and the suffix; ids are ``(batch, len)``."""
+    """Tokenised prompts split into the compressible prefix and the suffix; ids are ``(batch, len)``, left
+    padded; the masks mark real tokens (``None``: no padding)."""
 
     prefix_ids: torch.Tensor
     suffix_ids: torch.Tensor
     text: str = ""
+    prefix_mask: Optional[torch.Tensor] = None
+    suffix_mask: Optional[torch.Tensor] = None
+
+    def masks(self) -> tuple[torch.Tensor, torch.Tensor]:
+        pm = self.prefix_mask if self.prefix_mask is not None else torch.ones_like(self.prefix_ids, dtype=torch.bool)
+        sm = self.suffix_mask if self.suffix_mask is not None else torch.ones_like(self.suffix_ids, dtype=torch.bool)
+        return pm.to(torch.bool), sm.to(torch.bool)
 
     @property
     def n_context(self) -> int:
-        return int(self.prefix_ids.shape[1])
+        """Context tokens of the first row."""
+        return int(self.masks()[0][0].sum())
 
     @property
     def n_prompt(self) -> int:
-        return int(self.prefix_ids.shape[1] + self.suffix_ids.shape[1])
+        pm, sm = self.masks()
+        return int(pm[0].sum() + sm[0].sum())
+
+    @staticmethod
+    def batch(prompts: list[Prompt]) -> Prompt:
+        """Left-pad single-row prompts into one batch."""
+        def pad(rows: list[torch.Tensor], masks: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+            n = max(int(r.shape[1]) for r in rows)
+            ids = torch.zeros(len(rows), n, dtype=torch.long, device=rows[0].device)
+            mask = torch.zeros(len(rows), n, dtype=torch.bool, device=rows[0].device)
+            for i, (r, m) in enumerate(zip(rows, masks)):
+                k = int(r.shape[1])
+                if k:
+                    ids[i, n - k:], mask[i, n - k:] = r[0], m[0]
+            return ids, mask
+
+        ms = [p.masks() for p in prompts]
+        pre, pm = pad([p.prefix_ids for p in prompts], [m[0] for m in ms])
+        suf, sm = pad([p.suffix_ids for p in prompts], [m[1] for m in ms])
+        return Prompt(pre, suf, "", pm, sm)
 
 
 @dataclass
@@ -70,8 +100,8 @@ class Generation:
     tokens: torch.Tensor  # (batch, n) every generated token, including the fixed-length tail past the stop
     lengths: list[int]  # per row: tokens of the prediction (up to and including EOS, or max_new_tokens)
     latency: dict[str, Optional[float]]
-    kv_cache_bytes: int  # cache tensors at the start of decoding (after prefill and question)
-    kv_cache_bytes_end: int  # cache tensors when generation ended
+    kv_cache_bytes: int  # cache buffers allocated at the start of decoding (after prefill and question)
+    kv_cache_bytes_end: int  # cache buffers when generation ended
     cache_len_start: list[int]  # per layer, at the start of decoding
     cache_len_end: list[int]  # per layer, at the end
     compression: dict[str, Any]
@@ -146,11 +176,9 @@ class LMRunner:
         self.eos_ids = _eos_ids(self.tokenizer, self.model)
         self._eos = torch.tensor(self.eos_ids or [-1], device=self.device, dtype=torch.long)
         self._warmed = False
-        if method.needs_attentions and not method.is_noop():
-            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
-            if impl != "eager":
-                raise TokenbenchError(f"method '{method.label}' needs attention weights; load the model with "
-                                      f"attn_implementation=eager (it runs '{impl}')")
+        self.n_layers = len(attention_modules(self.model))
+        # transformers >= 5.24 names the argument ``cache`` (``past_key_values`` is deprecated)
+        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 
     # --- prompt ----------------------------------------------------------------------------------------
 
@@ -174,84 +202,108 @@ class LMRunner:
 
     # --- generation ------------------------------------------------------------------------------------
 
-    def _positions(self, start: int, end: int, batch: int) -> torch.Tensor:
-        return torch.arange(start, end, device=self.device).unsqueeze(0).expand(batch, -1)
+    def _forward(self, ids: torch.Tensor, positions: torch.Tensor, cache: EvictionCache,
+                 keep: int = 1) -> torch.Tensor:
+        out = self.model(input_ids=ids, position_ids=positions, use_cache=True, logits_to_keep=keep,
+                         **{self._cache_kw: cache})
+        return out.logits
 
-    def _forward(self, ids: torch.Tensor, start: int, cache: Any) -> torch.Tensor:
-        positions = self._positions(start, start + ids.shape[1], ids.shape[0])
-        out = self.model(input_ids=ids, position_ids=positions, past_key_values=cache, use_cache=True,
-                         logits_to_keep=1)
-        return out.logits[:, -1]
+    def _use_graph(self) -> bool:
+        return bool(getattr(self.measure, "cuda_graph", False)) and self.device.type == "cuda"
 
     def generate(self, prompt: Prompt, max_new_tokens: int, fixed_tokens: int = 0,
                  return_logits: bool = False) -> Generation:
-        """Greedy generation of one prompt (or a batch of equal-length prompts, same budget per row).
+        """Greedy generation of a (left-padded) batch of prompts, one budget rule per row.
 
         The prediction of a row stops at EOS or ``max_new_tokens``; decoding goes on (EOS ignored) until at
-        least ``fixed_tokens`` tokens exist, for the fixed-length time per output token.
+        least ``fixed_tokens`` tokens exist, for the fixed-length time per output token. On CUDA (with
+        ``measure.cuda_graph``) decode steps after the first two replay one captured graph.
         """
-        from transformers import DynamicCache
-
         prefix, suffix = prompt.prefix_ids.to(self.device), prompt.suffix_ids.to(self.device)
+        pm, sm = (m.to(self.device) for m in prompt.masks())
         batch, n_prefix, n_suffix = prefix.shape[0], prefix.shape[1], suffix.shape[1]
         if suffix.shape[0] != batch:
             raise ValueError("prefix and suffix batch sizes differ")
         if n_prefix + n_suffix == 0:
             raise TokenbenchError("empty prompt")
+        if n_suffix and not bool(sm[:, -1].all()) and bool(sm.any()):
+            raise TokenbenchError("rows of a batch must all have a question (suffix) or none")
         max_new_tokens = max(1, int(max_new_tokens))
         fixed_tokens = max(0, int(fixed_tokens))
+        steps = max(max_new_tokens, fixed_tokens)
         timer = Timer(self.device)
-        cache = DynamicCache(config=self.model.config)
+        len_pre, len_suf = pm.sum(dim=1), sm.sum(dim=1)
+        pos_pre = (pm.cumsum(dim=1) - 1).clamp(min=0)
+        pos_suf = len_pre.unsqueeze(1) + (sm.cumsum(dim=1) - 1).clamp(min=0)
+        one_forward = self.method.query_aware or n_prefix == 0 or n_suffix == 0
+        cache = EvictionCache(self.n_layers, reserve=(0 if one_forward else n_suffix) + steps)
         logits_seen: Optional[list[torch.Tensor]] = [] if return_logits else None
+        tokens = torch.zeros(batch, steps, dtype=torch.long, device=self.device)
 
-        with torch.inference_mode(), self.method.attach(self.model) as session:
+        with torch.inference_mode(), self.method.attach(self.model, cache) as session:
             timer.synchronize()
             t0 = timer.stamp()
-            if self.method.query_aware or n_prefix == 0 or n_suffix == 0:
-                with session.compressing(n_prefix):
-                    logits = self._forward(torch.cat([prefix, suffix], dim=1), 0, cache)
+            if one_forward:
+                cache.set_inputs(torch.cat([pos_pre, pos_suf], dim=1), torch.cat([pm, sm], dim=1))
+                with session.compressing(torch.cat([pm, torch.zeros_like(sm)], dim=1), reserve=steps):
+                    logits = self._forward(torch.cat([prefix, suffix], dim=1), cache.query_positions, cache)
                 t_prefill = timer.stamp()
             else:
-                with session.compressing(n_prefix):
-                    self._forward(prefix, 0, cache)
+                cache.set_inputs(pos_pre, pm)
+                with session.compressing(pm, reserve=n_suffix + steps):
+                    self._forward(prefix, pos_pre, cache)
                 t_prefill = timer.stamp()
-                logits = self._forward(suffix, n_prefix, cache)
+                cache.set_inputs(pos_suf, sm)
+                logits = self._forward(suffix, pos_suf, cache)
+            logits = logits[:, -1]
             tok = logits.argmax(dim=-1)
+            tokens[:, 0] = tok
             stamps = [timer.stamp()]
             if logits_seen is not None:
                 logits_seen.append(logits.float().clone())
-            kv_start, len_start = cache_bytes(cache), cache_lengths(cache)
+            kv_start, kv_used_start, len_start = cache.nbytes(), cache.used_bytes(), cache.lengths()
 
-            n_prompt = n_prefix + n_suffix
-            generated = [tok]
+            # static decode inputs: the graph (if any) reads these tensors, updated in place
+            first_pos = (len_pre + len_suf).view(batch, 1)
+            tok_in = tok.view(batch, 1).clone()
+            pos_in = first_pos.clone()
+            cache.query_positions, cache.query_valid = pos_in, torch.ones_like(pos_in, dtype=torch.bool)
+            cache.unpadded = True
+            step_logits: Optional[torch.Tensor] = None
+            graph = None
+            stop_n: Optional[int] = None
             n = 1
-            lengths = torch.zeros(batch, dtype=torch.long, device=self.device)
-            done = torch.isin(tok, self._eos) | (n >= max_new_tokens)
-            lengths[done] = n
-            stop_n = n if bool(done.all()) else None
-            with session.decoding():
-                while stop_n is None or n < fixed_tokens:
-                    # the token fed now is generated token n, at true position n_prompt + n - 1
-                    logits = self._forward(tok.unsqueeze(1), n_prompt + n - 1, cache)
-                    tok = logits.argmax(dim=-1)
+            with session.decoding(steps):
+                while n < steps and (stop_n is None or n < fixed_tokens):
+                    # the token fed now is generated token n, at true position first_pos + n - 1
+                    pos_in.copy_(first_pos + (n - 1))
+                    if graph is not None:
+                        graph.replay()
+                    elif self._use_graph() and n == 3:  # steps 1-2 ran eagerly (bulk eviction, warm-up)
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph):
+                            step_logits = self._forward(tok_in, pos_in, cache)[:, -1]
+                        graph.replay()
+                    else:
+                        step_logits = self._forward(tok_in, pos_in, cache)[:, -1]
+                    nxt = step_logits.argmax(dim=-1)
+                    tokens[:, n] = nxt
+                    tok_in.copy_(nxt.view(batch, 1))
                     n += 1
                     stamps.append(timer.stamp())
-                    generated.append(tok)
                     if logits_seen is not None:
-                        logits_seen.append(logits.float().clone())
-                    if stop_n is None:
-                        newly = ~done & (torch.isin(tok, self._eos) | (n >= max_new_tokens))
-                        lengths[newly] = n
-                        done |= newly
-                        if bool(done.all()):
-                            stop_n = n
+                        logits_seen.append(step_logits.float().clone())
+                    if stop_n is None and n >= fixed_tokens and (n % 8 == 0 or n >= max_new_tokens):
+                        stop_n = self._stop(tokens[:, :n], max_new_tokens)  # a host sync, every 8 steps
             timer.synchronize()
             compression = session.stats()
-            kv_end, len_end = cache_bytes(cache), cache_lengths(cache)
+            kv_end, len_end = cache.nbytes(), cache.lengths()
+            del graph
 
-        assert stop_n is not None
+        lengths = self._lengths(tokens[:, :n], max_new_tokens)
+        stop_n = max(lengths)
         ttft = timer.elapsed_ms(t0, stamps[0])
-        tpot_n = fixed_tokens if fixed_tokens >= 2 else stop_n
+        tpot_n = min(n, fixed_tokens) if fixed_tokens >= 2 else stop_n
         tpot = timer.elapsed_ms(stamps[0], stamps[tpot_n - 1]) / (tpot_n - 1) if tpot_n >= 2 else None
         latency = {
             "prefill_ms": timer.elapsed_ms(t0, t_prefill),
@@ -259,9 +311,11 @@ class LMRunner:
             "tpot_ms": tpot,
             "e2e_ms": timer.elapsed_ms(t0, stamps[stop_n - 1]),
         }
+        compression["decode_graph"] = bool(self._use_graph() and n > 3)
+        compression["kv_cache_bytes_used"] = kv_used_start
         return Generation(
-            tokens=torch.stack(generated, dim=1),
-            lengths=[int(x) for x in lengths.tolist()],
+            tokens=tokens[:, :n],
+            lengths=lengths,
             latency=latency,
             kv_cache_bytes=kv_start,
             kv_cache_bytes_end=kv_end,
@@ -270,6 +324,43 @@ class LMRunner:
             compression=compression,
             logits=logits_seen,
         )
+
+    def _lengths(self, tokens: torch.Tensor, max_new_tokens: int) -> list[int]:
+        """Per row: tokens of the prediction, up to and including the first EOS, at most ``max_new_tokens``."""
+        t = tokens[:, :max_new_tokens]
+        is_eos = torch.isin(t, self._eos)
+        first = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1,
+                            torch.full_like(is_eos[:, 0], t.shape[1], dtype=torch.long))
+        return [int(x) for x in first.tolist()]
+
+    def _stop(self, tokens: torch.Tensor, max_new_tokens: int) -> Optional[int]:
+        """The step at which every row's prediction has ended, or None."""
+        if tokens.shape[1] >= max_new_tokens:
+            return max(self._lengths(tokens, max_new_tokens))
+        done = torch.isin(tokens, self._eos).any(dim=1)
+        return max(self._lengths(tokens, max_new_tokens)) if bool(done.all()) else None
+
+    def loglikelihood(self, context_ids: list[int], continuation_ids: list[int]) -> tuple[float, bool]:
+        """Sum of log-probabilities of ``continuation_ids`` after ``context_ids`` (compressed by the method as
+        a query-agnostic prefill), and whether the continuation is the greedy one."""
+        if not context_ids or not continuation_ids:
+            raise TokenbenchError("loglikelihood needs a non-empty context and continuation")
+        ctx = torch.tensor([context_ids], dtype=torch.long, device=self.device)
+        cont = torch.tensor([continuation_ids], dtype=torch.long, device=self.device)
+        n, m = ctx.shape[1], cont.shape[1]
+        cache = EvictionCache(self.n_layers, reserve=m)
+        with torch.inference_mode(), self.method.attach(self.model, cache) as session:
+            pos = torch.arange(n, device=self.device).view(1, n)
+            cache.set_inputs(pos, torch.ones_like(pos, dtype=torch.bool))
+            with session.compressing(torch.ones_like(pos, dtype=torch.bool), reserve=m):
+                logits = [self._forward(ctx, pos, cache)[:, -1:]]
+            if m > 1:
+                pos2 = torch.arange(n, n + m - 1, device=self.device).view(1, -1)
+                cache.set_inputs(pos2, torch.ones_like(pos2, dtype=torch.bool))
+                logits.append(self._forward(cont[:, :-1], pos2, cache, keep=0))
+        logp = torch.cat(logits, dim=1)[0].float().log_softmax(dim=-1)
+        picked = logp.gather(1, cont[0].unsqueeze(1)).squeeze(1)
+        return float(picked.sum()), bool((logp.argmax(dim=-1) == cont[0]).all())
 
     # --- one sample, measured --------------------------------------------------------------------------
 

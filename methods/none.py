@@ -1,6 +1,6 @@
 """``none`` for the kv family: the full cache, nothing evicted — the baseline every KV method is measured
-against. It runs through the same runner and hooks as every other method, so its timings carry the same
-(negligible) bookkeeping cost."""
+against. It runs through the same runner, cache and attention function as every other method, so its
+timings carry the same bookkeeping cost."""
 
 from __future__ import annotations
 
@@ -37,5 +37,5 @@ class NoKV(KVMethod):
     def nominal_budget(self) -> dict[str, Any]:
         return {"keep_ratio": 1.0, "n_keep": None, "phase": None}
 
-    def score(self, module, hidden_states, keys, values, attentions, info):  # never called: nothing evicted
+    def score(self, ctx):  # never called: nothing is evicted
         raise AssertionError("method 'none' never evicts")

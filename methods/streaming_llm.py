@@ -22,7 +22,7 @@ from typing import ClassVar
 
 import torch
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.kv import PHASES, EvictionInfo, KVMethod
+from tokenbench.families.kv import PHASES, KVMethod, ScoreContext
 from tokenbench.registry import register_method
 
 
@@ -41,9 +41,9 @@ class StreamingLLM(KVMethod):
             raise TokenbenchError(f"method '{self.label}': n_sink must be an integer >= 0, "
                                   f"got {self.n_sink!r}")
 
-    def score(self, module, hidden_states, keys, values, attentions, info: EvictionInfo) -> torch.Tensor:
-        pos = info.positions
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        pos = ctx.positions
         # Recency: later positions score higher. Sinks score above everything, the earliest highest, so a
         # budget smaller than n_sink keeps the first tokens.
-        top = torch.iinfo(torch.int64).max // 2
-        return torch.where(pos < self.n_sink, top - pos, pos)
+        top = 2**40  # above any position
+        return torch.where(pos < self.n_sink, top - pos, pos).float()

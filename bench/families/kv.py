@@ -1,47 +1,43 @@
-"""The ``kv`` family: KV-cache eviction on Hugging Face causal LMs through the transformers Cache API.
+"""The ``kv`` family: KV-cache eviction on Hugging Face causal LMs.
 
-A method file holds only its idea, a ``score``: per cached token, per layer and per KV head, how much it is
-worth keeping. This base does everything else:
+A method file holds only its idea, a ``score(ctx)``: per cached token, per layer and per KV head, how much it
+is worth keeping (higher = keep). This base does everything else:
 
-- forward hooks on every attention module (``register_forward_hook(..., with_kwargs=True)``); after the
-  attention of a marked forward has run, the hook scores the layer's cache, keeps the ``budget`` best entries
-  of the compressible segment (``torch.topk``, then sorted so the cache keeps its order) and *replaces*
-  ``cache.layers[i].keys/.values`` with the gathered tensors, so the evicted entries are freed;
-- the budget from ``keep_ratio`` or ``n_keep`` and the segment length; the phase (evict once after the
-  compressed prefill, keep the cache at a fixed capacity during decoding, or both);
-- bookkeeping the runner reports: per-layer cache length after the compressed prefill, tokens kept, the true
-  position of every surviving entry, the cache length held during decoding.
+- **where it runs.** ``attach`` switches the model to the ``tokenbench_kv`` attention function
+  (``tokenbench.kv_attention``) over an ``EvictionCache`` (``tokenbench.kv_cache``): per-layer slot buffers
+  with a validity mask and the true position of every token. After a marked forward's attention has run, the
+  session builds a ``ScoreContext`` (queries, keys, values, validity, positions, and helpers that compute only
+  the attention a method needs: the last queries' weights, column sums over all queries, chunked, or the
+  decode step's weights, which decode attention yields anyway), asks the method for scores, and keeps the best.
+- **budgets.** ``keep_ratio`` or ``n_keep`` of each row's compressible segment (padding is never part of it),
+  per layer (``layer_budget``, e.g. PyramidKV) and per KV head: ``head_allocation="uniform"`` gives every
+  head the layer budget, ``"adaptive"`` (Ada-KV) lets heads compete for the layer's total, with a floor.
+- **phases.** ``prefill``: one eviction after the compressed prefill, the survivors gathered into a smaller
+  buffer (memory really freed). ``decode``: the cache is held at capacity while generating — each step writes
+  the new token into a free slot, attends, scores, and frees the lowest-scoring slot, all on the device with
+  static shapes, so the decode step can be captured in a CUDA graph. ``both``: the two.
+- **GQA.** The cache stays at KV-head granularity; query-head scores are folded onto KV heads
+  (``ctx.kv_heads``) by the method, which defines how (mean, max, ...).
 
-Keys handed to ``score`` are exactly what the cache holds: post-RoPE, at KV-head granularity (with GQA they
-are never expanded to the query heads). Since every entry keeps the rotary phase of its true position, a
-shortened cache no longer tells the model where the next token is: the runner passes explicit
-``position_ids`` (true positions) for everything fed after a compression; the causal mask is derived from
-the cache length, which is what it should be (every cached entry precedes the new tokens).
+Design follows NVIDIA kvpress (``ScorerPress``: per-head top-k over scores after the prefill; explicit
+positions after compression; https://github.com/NVIDIA/kvpress) and Ada-KV (Feng et al., 2024,
+arXiv:2407.11550, https://github.com/FFY0/AdaKV) for the adaptive head budgets. Written independently.
 
-Design follows NVIDIA kvpress (``kvpress/presses/base_press.py``: forward hook on ``self_attn``, replacing
-the cache layer's tensors; ``scorer_press.py``: top-k over per-head scores; ``pipeline.py``: decoding with
-explicit ``position_ids`` after compression), https://github.com/NVIDIA/kvpress. Written independently.
+Usage (what ``tokenbench.lm.LMRunner`` does)::
 
-Usage::
-
-    with method.attach(model) as session:
-        with session.compressing(n_context_tokens):   # the next forward's first n tokens are compressible
-            model(input_ids=prefix, position_ids=..., past_key_values=cache, use_cache=True)
-        model(input_ids=question, position_ids=..., past_key_values=cache)  # plain: no eviction
-        with session.decoding():                      # decode steps: eviction if the phase says so
-            for ...: model(input_ids=tok, position_ids=..., past_key_values=cache)
+    cache = EvictionCache(n_layers, reserve=...)
+    with method.attach(model, cache) as session:
+        cache.set_inputs(positions, valid)
+        with session.compressing(segment_mask, reserve=...):   # marked: evict after this forward
+            model(input_ids=..., position_ids=positions, past_key_values=cache)
+        ...                                                    # plain forwards: nothing evicted
+        with session.decoding(steps):                          # decode steps (decode-phase eviction)
+            ...
     session.stats()
-
-Limits (TODO for the lead): left padding is not handled — pad tokens of a padded batch would count in the
-segment and compete for the budget (the runner runs one sample at a time, so rows never carry padding).
-Sliding-window cache layers (Gemma/Mistral-style ``DynamicSlidingWindowLayer``) are left untouched.
-Per-layer budgets that differ between layers would break the shared causal mask (transformers sizes it from
-one layer); every method here uses one budget for all layers and heads.
 """
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -49,25 +45,119 @@ from dataclasses import dataclass, field
 from typing import Any, ClassVar, Optional
 
 import torch
+from tokenbench import kv_attention
 from tokenbench.errors import TokenbenchError
+from tokenbench.kv_cache import _FAR, EvictionCache, EvictionLayer
 from tokenbench.method import Method
 
-log = logging.getLogger(__name__)
-
 PHASES = ("prefill", "decode", "both")
+HEAD_ALLOCATIONS = ("uniform", "adaptive")
+ADA_FLOOR = 0.2  # Ada-KV's safeguard: every head keeps at least this fraction of the uniform head budget
 
 
 @dataclass
-class EvictionInfo:
-    """What ``KVMethod.score`` may need besides the tensors."""
+class ScoreContext:
+    """What ``KVMethod.score`` sees for one layer. Shapes: ``B`` rows, ``H`` KV heads, ``Hq`` query heads,
+    ``C`` slots, ``q`` tokens of this forward, ``D`` head dim."""
 
+    module: torch.nn.Module  # the attention module (``layer_idx``, projections, ``head_dim``)
     layer_idx: int
-    phase: str  # "prefill" (the compressed prefill forward) or "decode" (a decode step)
-    segment: tuple[int, int]  # [start, end) cache indices that may be evicted; the rest is always kept
-    budget: int  # how many of the segment's entries survive
-    positions: torch.Tensor  # (batch, kv_heads, cache_len) int64: the true position of each cache entry
-    step: int  # how many evictions this layer had before in this session
-    kwargs: dict[str, Any] = field(repr=False, default_factory=dict)  # the attention forward's kwargs
+    n_layers: int
+    phase: str  # "prefill" (after the compressed forward) or "decode" (after a decode step)
+    keys: torch.Tensor  # (B, H, C, D) post-RoPE, as cached
+    values: torch.Tensor  # (B, H, C, D)
+    valid: torch.Tensor  # (B, H, C) bool: slot holds a live token
+    positions: torch.Tensor  # (B, H, C) int64: true position of each slot's token
+    queries: torch.Tensor  # (B, Hq, q, D) post-RoPE queries of this forward
+    query_positions: torch.Tensor  # (B, q)
+    query_valid: torch.Tensor  # (B, q) bool (False: left padding)
+    scaling: float  # softmax scale of the attention
+    layer: EvictionLayer = field(repr=False)
+    rotary: Any = field(default=None, repr=False)  # the model's rotary embedding module, if any
+    attn_weights: Optional[torch.Tensor] = field(default=None, repr=False)  # decode: (B, Hq, 1, C) float32
+    step: int = 0  # evictions this layer had before in this session (frozen inside a captured graph)
+
+    @property
+    def groups(self) -> int:
+        return self.queries.shape[1] // self.keys.shape[1]
+
+    def kv_heads(self, x: torch.Tensor, reduce: str = "mean") -> torch.Tensor:
+        """Fold ``(B, Hq, ...)`` onto KV heads ``(B, H, ...)`` (``mean`` or ``max`` over each GQA group)."""
+        b, hq = x.shape[:2]
+        g = x.view(b, hq // self.groups, self.groups, *x.shape[2:])
+        return g.mean(dim=2) if reduce == "mean" else g.amax(dim=2)
+
+    def _weights(self, q_idx: slice) -> torch.Tensor:
+        b, hq, _, d = self.queries.shape
+        h, g = self.keys.shape[1], self.groups
+        q = self.queries[:, :, q_idx]
+        w = q.shape[2]
+        scores = torch.matmul(q.reshape(b, h, g * w, d), self.keys.transpose(-1, -2)).float() * self.scaling
+        mask = kv_attention.causal_mask(self.valid, self.positions, self.query_positions[:, q_idx])
+        probs = kv_attention.masked_softmax(scores.view(b, h, g, w, -1), mask.unsqueeze(2))
+        probs = probs * self.query_valid[:, q_idx].view(b, 1, 1, w, 1)  # padding queries weigh nothing
+        return probs.view(b, hq, w, -1)
+
+    def attention(self, last: Optional[int] = None) -> torch.Tensor:
+        """Softmax attention ``(B, Hq, w, C)`` (float32) of this forward's last ``last`` queries (all if
+        None); at a decode step, that step's weights. Padding queries have all-zero rows."""
+        if self.attn_weights is not None and (last is None or last >= self.attn_weights.shape[2]):
+            return self.attn_weights
+        q = self.queries.shape[2]
+        return self._weights(slice(q - min(q, last or q), q))
+
+    def accumulated_attention(self, chunk: Optional[int] = None) -> torch.Tensor:
+        """Attention each slot received, summed over all of this forward's (valid) queries: ``(B, Hq, C)``,
+        computed in query chunks (by default sized to ~1 GiB of float32 weights) so the ``q x C`` matrix
+        never exists whole."""
+        if self.attn_weights is not None:
+            return self.attn_weights.sum(dim=2)
+        b, hq, q, _ = self.queries.shape
+        if chunk is None:
+            chunk = max(1, min(q, (1 << 30) // max(1, b * hq * self.keys.shape[2] * 4)))
+        total = None
+        for s in range(0, q, chunk):
+            part = self._weights(slice(s, min(q, s + chunk))).sum(dim=2)
+            total = part if total is None else total + part
+        return total
+
+    @classmethod
+    def synthetic(cls, queries: torch.Tensor, keys: torch.Tensor, values: Optional[torch.Tensor] = None,
+                  positions: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
+                  query_positions: Optional[torch.Tensor] = None, phase: str = "prefill",
+                  attn_weights: Optional[torch.Tensor] = None, layer_idx: int = 0, n_layers: int = 1,
+                  scaling: Optional[float] = None, step: int = 0) -> ScoreContext:
+        """A context from hand-built tensors (tests of a method's idea, no model). Defaults: every slot
+        live, slot ``i`` at position ``i``, the queries the last ``q`` positions."""
+        b, h, c, d = keys.shape
+        q = queries.shape[2]
+        dev = keys.device
+        positions = positions if positions is not None else torch.arange(c, device=dev).expand(b, h, c)
+        valid = valid if valid is not None else torch.ones(b, h, c, dtype=torch.bool, device=dev)
+        qpos = query_positions if query_positions is not None else torch.arange(c - q, c, device=dev).expand(b, q)
+        layer = EvictionLayer(None, layer_idx)  # holds the method state only
+        layer.keys = keys
+        return cls(module=None, layer_idx=layer_idx, n_layers=n_layers, phase=phase, keys=keys,
+                   values=values if values is not None else torch.ones_like(keys), valid=valid,
+                   positions=positions, queries=queries, query_positions=qpos,
+                   query_valid=torch.ones(b, q, dtype=torch.bool, device=dev),
+                   scaling=scaling if scaling is not None else d ** -0.5, layer=layer,
+                   attn_weights=attn_weights, step=step)
+
+    def state(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """A per-slot tensor ``(B, H, C)`` that persists across forwards of this session (e.g. accumulated
+        attention). It follows its slots through evictions, and a freshly written slot starts at 0."""
+        t = self.layer.state.get(name)
+        if t is None:
+            t = torch.zeros(self.layer.keys.shape[:3], dtype=dtype, device=self.keys.device)
+            self.layer.state[name] = t
+        return t[:, :, : self.keys.shape[2]]
+
+    def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` of the model's rotary embedding at ``positions`` (``(B, n)``): ``(B, n, D)``."""
+        if self.rotary is None:
+            raise TokenbenchError("this model has no rotary embedding module")
+        return self.rotary(self.keys[:, 0, :1], positions)
 
 
 @dataclass
@@ -78,14 +168,15 @@ class KVMethod(Method):
     family: ClassVar[str] = "kv"
     supported_phases: ClassVar[tuple[str, ...]] = ("prefill",)  # which of PHASES the method implements
     default_phase: ClassVar[str] = "prefill"  # the phase used when ``phase`` is not set
-    needs_attentions: ClassVar[bool] = False  # score() needs attention weights (model must run eager)
     takes_budget: ClassVar[bool] = True  # False for the keep-all baseline
+    supports_adaptive_heads: ClassVar[bool] = False  # scores comparable across heads (Ada-KV allocation)
 
     keep_ratio: float = 1.0  # fraction of the compressed segment's tokens kept, in (0, 1]
     n_keep: Optional[int] = None  # absolute token budget for the segment; overrides keep_ratio when set
     # True: the question is inside the compressed prefill; False: context compressed alone, question fed after
     query_aware: bool = False
     phase: Optional[str] = None  # when to evict: prefill | decode | both; None = the method's default_phase
+    head_allocation: str = "uniform"  # uniform: every KV head keeps the budget; adaptive: Ada-KV allocation
 
     def __post_init__(self) -> None:
         self.validate()
@@ -97,7 +188,7 @@ class KVMethod(Method):
         return self.name or type(self).__name__
 
     def validate(self) -> None:
-        """Raise ``TokenbenchError`` (one line) on a bad budget or phase. Subclasses extend it."""
+        """Raise ``TokenbenchError`` (one line) on a bad budget, phase or allocation. Subclasses extend it."""
         kr = self.keep_ratio
         if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0.0 < float(kr) <= 1.0):
             raise TokenbenchError(f"method '{self.label}': keep_ratio must be in (0, 1], got {kr!r}")
@@ -109,6 +200,12 @@ class KVMethod(Method):
             why = "unknown phase" if self.phase not in PHASES else "unsupported phase"
             raise TokenbenchError(f"method '{self.label}': {why} '{self.phase}'; it supports "
                                   f"{', '.join(self.supported_phases)}")
+        if self.head_allocation not in HEAD_ALLOCATIONS:
+            raise TokenbenchError(f"method '{self.label}': head_allocation must be one of "
+                                  f"{', '.join(HEAD_ALLOCATIONS)}, got {self.head_allocation!r}")
+        if self.head_allocation == "adaptive" and not self.supports_adaptive_heads:
+            raise TokenbenchError(f"method '{self.label}': head_allocation=adaptive needs scores comparable "
+                                  "across heads, which this method does not define")
 
     @property
     def resolved_phase(self) -> str:
@@ -123,11 +220,8 @@ class KVMethod(Method):
         return not self.is_noop() and self.resolved_phase in ("decode", "both")
 
     def budget(self, segment_len: int) -> int:
-        """Tokens of a segment of ``segment_len`` tokens that survive the compressed prefill.
-
-        ``n_keep`` (capped at the segment length) when set, else ``floor(keep_ratio * segment_len)``,
-        at least 1.
-        """
+        """Tokens of a segment of ``segment_len`` tokens that survive the compressed prefill:
+        ``n_keep`` (capped at the segment length) when set, else ``floor(keep_ratio * segment_len)``, >= 1."""
         if segment_len <= 0:
             return 0
         if self.n_keep is not None:
@@ -139,6 +233,11 @@ class KVMethod(Method):
         the prompt lets the cache grow up to it), else the prefill budget."""
         return int(self.n_keep) if self.n_keep is not None else self.budget(segment_len)
 
+    def layer_budget(self, budget: int, segment_len: int, layer_idx: int, n_layers: int) -> int:
+        """This layer's share of a row's ``budget`` (the same for every layer unless a method says
+        otherwise; the mean over layers should stay ``budget``)."""
+        return budget
+
     def nominal_budget(self) -> dict[str, Any]:
         return {"keep_ratio": self.keep_ratio, "n_keep": self.n_keep, "phase": self.resolved_phase}
 
@@ -147,33 +246,17 @@ class KVMethod(Method):
 
     # --- the method's idea ---------------------------------------------------------------------------
 
-    def score(
-        self,
-        module: torch.nn.Module,
-        hidden_states: torch.Tensor,
-        keys: torch.Tensor,
-        values: torch.Tensor,
-        attentions: Optional[torch.Tensor],
-        info: EvictionInfo,
-    ) -> torch.Tensor:
-        """Per-entry scores, shape ``(batch, num_kv_heads, cache_len)``; higher = keep.
-
-        ``module``: the attention layer (``module.layer_idx``, ``module.head_dim``, projections).
-        ``hidden_states``: that layer's input for this forward, ``(batch, q_len, hidden)``.
-        ``keys``/``values``: the layer's whole cache, ``(batch, num_kv_heads, cache_len, head_dim)``,
-        post-RoPE.
-        ``attentions``: ``(batch, num_heads, q_len, cache_len)`` when the model runs eager, else ``None``
-        (see ``attention_per_kv_head`` to fold query heads onto KV heads).
-        Only ``info.segment`` is selected from; scores outside it are ignored.
-        """
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        """Per-slot scores ``(B, H, C)``; higher = keep. Only the compressible live slots are compared;
+        the base ignores the rest. Must not sync with the host at decode (the step may be graph-captured)."""
         raise NotImplementedError(f"{type(self).__name__} must implement score()")
 
     # --- applying it ---------------------------------------------------------------------------------
 
     @contextmanager
-    def attach(self, model: torch.nn.Module) -> Iterator[KVSession]:
-        """Install the hooks on ``model`` for the duration of the block; yields the ``KVSession``."""
-        session = KVSession(self, model)
+    def attach(self, model: torch.nn.Module, cache: EvictionCache) -> Iterator[KVSession]:
+        """Run ``model`` through the eviction attention for the duration of the block."""
+        session = KVSession(self, model, cache)
         session.install()
         try:
             yield session
@@ -181,216 +264,253 @@ class KVMethod(Method):
             session.remove()
 
 
-def attention_per_kv_head(attentions: torch.Tensor, num_kv_heads: int) -> torch.Tensor:
-    """Fold ``(batch, num_heads, q, k)`` attention onto KV heads (mean over each GQA group)."""
-    b, h, q, k = attentions.shape
-    return attentions.view(b, num_kv_heads, h // num_kv_heads, q, k).mean(dim=2)
-
-
 def attention_modules(model: torch.nn.Module) -> list[torch.nn.Module]:
     """The self-attention module of every decoder layer, in layer order."""
-    base = model
-    try:
-        base = model.get_decoder()
-    except Exception:  # exotic wrappers: fall back to scanning the module tree
-        pass
-    mods: list[Any] = []
-    layers = getattr(base, "layers", None)
-    if layers is not None:
-        mods = [getattr(layer, "self_attn", None) for layer in layers]
-    if not mods or any(m is None or not hasattr(m, "layer_idx") for m in mods):
-        mods = [m for m in model.modules()
-                if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
+    mods = [m for m in model.modules() if type(m).__name__.endswith("Attention") and hasattr(m, "layer_idx")]
     if not mods:
         raise TokenbenchError(f"no attention layers with a layer_idx found in {type(model).__name__}; "
                               "the kv family needs a transformers decoder-only LM")
-    return mods
+    return sorted(mods, key=lambda m: int(m.layer_idx))
+
+
+def _rotary(model: torch.nn.Module) -> Any:
+    return next((m for m in model.modules() if type(m).__name__.endswith("RotaryEmbedding")), None)
+
+
+def check_model(model: torch.nn.Module) -> None:
+    """A clear error for a model the eviction cache cannot serve."""
+    cfg = getattr(model, "config", None)
+    types = getattr(cfg, "layer_types", None) or []
+    if any(t != "full_attention" for t in types) or getattr(cfg, "use_sliding_window", False):
+        raise TokenbenchError(f"{type(model).__name__} has sliding-window or non-attention layers "
+                              f"({sorted(set(types))}); the kv family supports full-attention decoders only")
 
 
 class KVSession:
-    """Hooks of one ``KVMethod`` on one model, and what they measured. One session per generation: it
-    assumes the cache starts empty and that token positions run 0, 1, 2, … across the forwards."""
+    """One method on one model and one cache, for one generation; also what it measured."""
 
-    def __init__(self, method: KVMethod, model: torch.nn.Module):
+    def __init__(self, method: KVMethod, model: torch.nn.Module, cache: EvictionCache):
         self.method = method
         self.model = model
+        self.cache = cache
         self.modules = attention_modules(model)
-        self.layer_ids = [int(m.layer_idx) for m in self.modules]
-        self._handles: list[Any] = []
-        self._mode: Optional[str] = None  # None (plain forward) | "prefill" | "decode"
-        self._n_segment = 0
-        self._cache: Any = None
-        self._seen: dict[int, int] = {}  # tokens seen per layer
-        self._positions: dict[int, tuple[torch.Tensor, int]] = {}  # after an eviction: (positions, seen then)
+        self.n_layers = len(self.modules)
+        self.rotary = _rotary(model)
+        self._saved_impl: Optional[str] = None
+        self._mode: Optional[str] = None  # None (plain) | "prefill" | "decode"
+        self._segment: Optional[torch.Tensor] = None  # (B, q) bool: compressible tokens of the marked forward
+        self._reserve = 0
         self._steps: dict[int, int] = {}
-        self._warned_sliding = False
-        # measurements
-        self.segment_len: Optional[int] = None  # compressible tokens of the compressed prefill
-        self.prefill_cache_len: dict[int, int] = {}  # per layer, after the compressed prefill
-        self.prefill_kept: dict[int, int] = {}  # per layer, segment tokens that survived it
-        self.decode_capacity: Optional[int] = None  # cache length held during decoding (decode phase)
-        self.decode_outside: int = 0  # tokens outside the segment when decoding started
-        self.decode_max_len: dict[int, int] = {}  # per layer, largest cache length after a decode step
+        self._decode_cap: Optional[torch.Tensor] = None  # (B, 1) live tokens a row may hold while decoding
+        self._bulk_done: set[int] = set()
+        # measurements (host values, taken outside the decode steps)
+        self.segment_lens: Optional[list[int]] = None  # per row
+        self.outside_lens: Optional[list[int]] = None  # per row: live tokens outside the segment at decode
+        self.kept: dict[int, torch.Tensor] = {}  # per layer: (B, H) segment tokens after the compressed prefill
+        self.decode_caps: Optional[list[int]] = None
         self.prefill_evictions = 0
-        self.decode_evictions = 0
 
-    # --- hooks ---------------------------------------------------------------------------------------
+    # --- install / remove ----------------------------------------------------------------------------
 
     def install(self) -> None:
-        if self.method.needs_attentions and not self.method.is_noop():
-            impl = getattr(getattr(self.model, "config", None), "_attn_implementation", None)
-            if impl != "eager":
-                raise TokenbenchError(f"method '{self.method.label}' needs attention weights; load the model "
-                                      f"with attn_implementation=eager (it runs '{impl}')")
-        for m in self.modules:
-            self._handles.append(m.register_forward_hook(self._hook, with_kwargs=True))
+        check_model(self.model)
+        kv_attention.register()
+        self._saved_impl = self.model.config._attn_implementation
+        self.model.config._attn_implementation = kv_attention.NAME
+        kv_attention._ACTIVE.append(self)
 
     def remove(self) -> None:
-        for h in self._handles:
-            h.remove()
-        self._handles.clear()
-        self._cache = None
+        if self in kv_attention._ACTIVE:
+            kv_attention._ACTIVE.remove(self)
+        self.model.config._attn_implementation = self._saved_impl
+
+    # --- marking forwards ----------------------------------------------------------------------------
 
     @contextmanager
-    def compressing(self, n_tokens: int) -> Iterator[KVSession]:
-        """Mark the forward inside the block as the compressed prefill: the first ``n_tokens`` of its input
-        form the compressible segment; its remaining tokens (the question, query-aware) are always kept."""
-        if n_tokens < 0:
-            raise ValueError(f"n_tokens must be >= 0, got {n_tokens}")
-        self._mode, self._n_segment = "prefill", int(n_tokens)
+    def compressing(self, segment: torch.Tensor, reserve: int = 0) -> Iterator[KVSession]:
+        """The forward inside the block is the compressed prefill: ``segment`` ``(B, q)`` marks its
+        compressible tokens (a row's context, never padding); after eviction each layer keeps room for
+        ``reserve`` more tokens."""
+        self._mode, self._segment, self._reserve = "prefill", segment.to(torch.bool), int(reserve)
+        self.segment_lens = [int(x) for x in self._segment.sum(dim=1).tolist()]
         try:
             yield self
         finally:
-            self._mode = None
+            self._mode, self._segment = None, None
 
     @contextmanager
-    def decoding(self) -> Iterator[KVSession]:
-        """Mark the forwards inside the block as decode steps. With a decode phase, the cache is held at the
-        capacity it would have right after a compressed prefill: the segment's decode budget plus every token
-        outside the segment seen so far (template, question)."""
-        seen = max(self._seen.values(), default=0)
-        seg = self.segment_len if self.segment_len is not None else seen
-        self.decode_outside = seen - seg
-        self.decode_capacity = self.method.decode_budget(seg) + self.decode_outside if seg > 0 else None
+    def decoding(self, steps: int) -> Iterator[KVSession]:
+        """Decode steps follow (``steps`` at most). With a decode phase each row holds its segment's decode
+        budget plus the live tokens outside the segment (template, question) seen so far."""
+        first = self.cache.layers[0]
+        live = first.valid.sum(dim=-1)[:, 0] if first.valid is not None else None  # (B,) before decoding
+        seg = self.segment_lens
+        if live is not None:
+            kept0 = self.kept.get(0)
+            seg_live = kept0[:, 0] if kept0 is not None else torch.tensor(seg or [0] * live.shape[0],
+                                                                         device=live.device)
+            self.outside_lens = [int(x) for x in (live - seg_live).tolist()]
+        if self.method.evicts_at_decode and seg is not None and self.outside_lens is not None:
+            caps = [self.method.decode_budget(s) + o for s, o in zip(seg, self.outside_lens)]
+            self.decode_caps = caps
+            self._decode_cap = torch.tensor(caps, device=first.keys.device).unsqueeze(1)
+            need = max(caps) + 1
+            for layer in self.cache.layers:
+                layer.start_decoding(max(1, need - layer.fill))
+        else:
+            for layer in self.cache.layers:
+                if layer.is_initialized:
+                    layer.start_decoding(steps)
         self._mode = "decode"
         try:
             yield self
         finally:
             self._mode = None
 
-    def _hook(self, module: torch.nn.Module, args: tuple, kwargs: dict, output: Any) -> None:
-        idx = int(module.layer_idx)
-        hidden = kwargs.get("hidden_states", args[0] if args else None)
-        q_len = int(hidden.shape[1])
-        self._seen[idx] = self._seen.get(idx, 0) + q_len
-        if self._mode is None:
-            return None
-        cache = kwargs.get("past_key_values")
-        if cache is None:
-            raise TokenbenchError("KV compression needs a cache: call the model with "
-                                  "past_key_values=DynamicCache()")
-        self._cache = cache
-        layer = cache.layers[idx]
-        if getattr(layer, "is_sliding", False):
-            if not self._warned_sliding:
-                log.warning("%s: sliding-window cache layers are left uncompressed", self.method.label)
-                self._warned_sliding = True
-            return None
-        attentions = output[1] if isinstance(output, (tuple, list)) and len(output) > 1 else None
-        cache_len = int(layer.keys.shape[-2])
-        if self._mode == "prefill":
-            start = cache_len - q_len
-            seg = min(self._n_segment, q_len)
-            self.segment_len = seg
-            if self.method.evicts_at_prefill:
-                budget = self.method.budget(seg)
-                if budget < seg:
-                    self._evict(module, layer, idx, hidden, attentions, kwargs, (start, start + seg), budget,
-                                "prefill")
-                    self.prefill_evictions += 1
-            new_len = int(layer.keys.shape[-2])
-            self.prefill_cache_len[idx] = new_len
-            self.prefill_kept[idx] = seg - (cache_len - new_len)
-        else:  # decode
-            cap = self.decode_capacity
-            if self.method.evicts_at_decode and cap is not None and cache_len > cap:
-                self._evict(module, layer, idx, hidden, attentions, kwargs, (0, cache_len), cap, "decode")
-                self.decode_evictions += 1
-            self.decode_max_len[idx] = max(self.decode_max_len.get(idx, 0), int(layer.keys.shape[-2]))
-        return None
+    # --- called by the attention function ------------------------------------------------------------
 
-    def _evict(self, module, layer, idx, hidden, attentions, kwargs, segment, budget, phase) -> None:
-        keys, values = layer.keys, layer.values
-        b, h, cache_len, _ = keys.shape
-        start, end = segment
-        positions = self.positions(idx)
-        info = EvictionInfo(layer_idx=idx, phase=phase, segment=segment, budget=budget, positions=positions,
-                            step=self._steps.get(idx, 0), kwargs=kwargs)
-        scores = self.method.score(module, hidden, keys, values, attentions, info)
-        if tuple(scores.shape) != (b, h, cache_len):
-            raise TokenbenchError(f"method '{self.method.label}': score() returned shape "
-                                  f"{tuple(scores.shape)}, "
-                                  f"expected (batch, kv_heads, cache_len) = {(b, h, cache_len)}")
-        chosen = scores[..., start:end].topk(budget, dim=-1, sorted=False).indices
-        keep = chosen.sort(dim=-1).values + start  # preserve cache (= position) order
-        if start > 0 or end < cache_len:
-            before = torch.arange(start, device=keep.device).expand(b, h, start)
-            after = torch.arange(end, cache_len, device=keep.device).expand(b, h, cache_len - end)
-            keep = torch.cat([before, keep, after], dim=-1)
-        layer.keys = keys.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]))
-        layer.values = values.gather(2, keep.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1]))
-        self._positions[idx] = (positions.gather(2, keep.to(positions.device)), self._seen[idx])
-        self._steps[idx] = self._steps.get(idx, 0) + 1
+    def _context(self, module: torch.nn.Module, layer: EvictionLayer, query: torch.Tensor,
+                 weights: Optional[torch.Tensor], scale: float, phase: str) -> ScoreContext:
+        n = layer.attend_len
+        return ScoreContext(
+            module=module, layer_idx=layer.layer_idx, n_layers=self.n_layers, phase=phase,
+            keys=layer.keys[:, :, :n], values=layer.values[:, :, :n], valid=layer.valid[:, :, :n],
+            positions=layer.pos[:, :, :n], queries=query, query_positions=self.cache.query_positions,
+            query_valid=self.cache.query_valid, scaling=scale, layer=layer, rotary=self.rotary,
+            attn_weights=weights, step=self._steps.get(layer.layer_idx, 0))
+
+    def _scores(self, ctx: ScoreContext) -> torch.Tensor:
+        scores = self.method.score(ctx)
+        want = tuple(ctx.valid.shape)
+        if tuple(scores.shape) != want:
+            raise TokenbenchError(f"method '{self.method.label}': score() returned shape {tuple(scores.shape)}, "
+                                  f"expected (batch, kv_heads, slots) = {want}")
+        self._steps[ctx.layer_idx] = self._steps.get(ctx.layer_idx, 0) + 1
+        return scores
+
+    def after_attention(self, module: torch.nn.Module, layer: EvictionLayer, query: torch.Tensor,
+                        weights: Optional[torch.Tensor], scale: float) -> None:
+        if self._mode == "prefill":
+            self._after_prefill(module, layer, query, weights, scale)
+        elif self._mode == "decode":
+            if self.method.evicts_at_decode:
+                self._after_decode_step(module, layer, query, weights, scale)
+            else:  # the next token goes to the first free slot
+                layer.slot.copy_((~layer.valid).to(torch.uint8).argmax(dim=-1))
+
+    def _after_prefill(self, module, layer, query, weights, scale) -> None:
+        q = query.shape[2]
+        n = layer.attend_len
+        evictable = torch.zeros_like(layer.valid[:, :, :n])
+        evictable[:, :, n - q:] = self._segment.unsqueeze(1)
+        evictable &= layer.valid[:, :, :n]
+        seg = self.segment_lens
+        idx = layer.layer_idx
+        budgets = [self.method.layer_budget(self.method.budget(s), s, idx, self.n_layers) for s in seg]
+        if self.method.evicts_at_prefill and any(k < s for k, s in zip(budgets, seg)):
+            ctx = self._context(module, layer, query, weights, scale, "prefill")
+            scores = self._scores(ctx)
+            self.kept[idx] = self._select(layer, scores, evictable, budgets, self._reserve)
+            self.prefill_evictions += 1
+        else:
+            self.kept[idx] = evictable.sum(dim=-1)
+
+    def _select(self, layer: EvictionLayer, scores: torch.Tensor, evictable: torch.Tensor, budgets: list[int],
+                reserve: int) -> torch.Tensor:
+        """Keep every live non-evictable slot plus each row/head's budget of best evictable slots; returns
+        how many evictable slots each row/head kept, ``(B, H)``."""
+        valid = layer.valid[:, :, : scores.shape[-1]]
+        b, h, _ = valid.shape
+        protected = valid & ~evictable
+        cand = valid & evictable
+        s = scores.float().nan_to_num(nan=float("-inf"))
+        s = s.masked_fill(~cand, float("-inf")).masked_fill(protected, float("inf"))
+        k_b = torch.tensor(budgets, device=s.device, dtype=torch.long)
+        if self.method.head_allocation == "adaptive":
+            k_bh = self._adaptive_budgets(s.masked_fill(protected, float("-inf")), k_b)
+        else:
+            k_bh = k_b.view(b, 1).expand(b, h)
+        k_bh = torch.minimum(k_bh, cand.sum(dim=-1))
+        n_keep = k_bh + protected.sum(dim=-1)
+        width = max(1, int(n_keep.max()))
+        top = s.topk(width, dim=-1)
+        ok = (torch.arange(width, device=s.device) < n_keep.unsqueeze(-1)) & (top.values > float("-inf"))
+        order = top.indices.masked_fill(~ok, scores.shape[-1]).argsort(dim=-1)  # keep slot (= time) order
+        keep, ok = top.indices.gather(-1, order), ok.gather(-1, order)
+        kept = (ok & cand.gather(-1, keep)).sum(dim=-1)
+        layer.compact(keep, ok, reserve)
+        return kept
+
+    def _adaptive_budgets(self, s: torch.Tensor, k_b: torch.Tensor) -> torch.Tensor:
+        """Ada-KV: a row's total budget ``k * H`` goes to the best (head, slot) pairs over all heads, each
+        head guaranteed ``ADA_FLOOR * k`` slots. Returns per-head budgets ``(B, H)``."""
+        b, h, c = s.shape
+        floor = (k_b.float() * ADA_FLOOR).long().view(b, 1, 1)
+        rank = s.argsort(dim=-1, descending=True).argsort(dim=-1)  # 0 = the head's best slot
+        boosted = torch.where(rank < floor, torch.full_like(s, 3e38), s)  # the floor is taken first
+        flat = boosted.reshape(b, h * c)
+        total = (k_b * h).view(b, 1)
+        order = flat.argsort(dim=-1, descending=True)
+        chosen = torch.zeros_like(flat, dtype=torch.bool)
+        chosen.scatter_(1, order, torch.arange(h * c, device=s.device).expand(b, -1) < total)
+        chosen &= flat > float("-inf")
+        return chosen.view(b, h, c).sum(dim=-1)
+
+    def _after_decode_step(self, module, layer, query, weights, scale) -> None:
+        idx = layer.layer_idx
+        ctx = self._context(module, layer, query, weights, scale, "decode")
+        scores = self._scores(ctx)
+        cap = self._decode_cap
+        if idx not in self._bulk_done:  # first step: the cache may be far over capacity; one bulk eviction
+            self._bulk_done.add(idx)
+            if bool((layer.n_valid() > cap).any()):
+                valid = layer.valid
+                self._select(layer, scores, valid.clone(), [int(c) for c in cap.view(-1).tolist()], reserve=1)
+                layer.slot = (~layer.valid).to(torch.uint8).argmax(dim=-1)
+                return
+        # steady state, static shapes: free the lowest-scoring live slot of every row/head over capacity
+        valid = layer.valid
+        over = layer.n_valid() > cap  # (B, H)
+        victim = scores.float().masked_fill(~valid, float("inf")).argmin(dim=-1, keepdim=True)
+        still = valid.gather(2, victim) & ~over.unsqueeze(-1)
+        valid.scatter_(2, victim, still)
+        layer.pos.scatter_(2, victim, torch.where(still, layer.pos.gather(2, victim), _FAR))
+        layer.slot.copy_((~valid).to(torch.uint8).argmax(dim=-1))
 
     # --- what the runner and the tests read -----------------------------------------------------------
 
-    def positions(self, layer_idx: int) -> torch.Tensor:
-        """True position of every entry in the layer's cache, ``(batch, kv_heads, cache_len)`` int64."""
-        if self._cache is None:
-            raise RuntimeError("no cache seen yet")
-        keys = self._cache.layers[layer_idx].keys
-        b, h, cache_len = keys.shape[0], keys.shape[1], keys.shape[-2]
-        seen = self._seen.get(layer_idx, 0)
-        if layer_idx in self._positions:
-            kept, seen_then = self._positions[layer_idx]
-            fresh = torch.arange(seen_then, seen, device=kept.device).expand(b, h, seen - seen_then)
-            pos = torch.cat([kept, fresh], dim=-1) if seen > seen_then else kept
-        else:
-            pos = torch.arange(seen, device=keys.device).expand(b, h, seen)
-        if pos.shape[-1] != cache_len:
-            raise RuntimeError(f"layer {layer_idx}: position bookkeeping ({pos.shape[-1]}) out of step with "
-                               "the "
-                               f"cache ({cache_len}); a session must start from an empty cache")
-        return pos
-
-    def _per_layer(self, d: dict[int, int]) -> list[int]:
-        return [d[i] for i in self.layer_ids if i in d]
-
     def achieved_keep_ratio(self) -> float:
-        """Measured fraction of the segment held in the cache, averaged over layers: after the compressed
-        prefill, or, where only decoding evicted, while decoding."""
-        seg = self.segment_len
-        if not seg:
+        """Measured fraction of the segment held in the cache, averaged over rows, layers and heads: after
+        the compressed prefill, or, where only decoding evicted, at the end of decoding."""
+        seg = self.segment_lens
+        if not seg or not any(seg):
             return 1.0
-        if self.decode_evictions and not self.prefill_evictions:
-            lens = self._per_layer(self.decode_max_len)
-            return sum(min(seg, n - self.decode_outside) / seg for n in lens) / len(lens)
-        kept = self._per_layer(self.prefill_kept)
-        return sum(k / seg for k in kept) / len(kept) if kept else 1.0
+        segt = torch.tensor(seg, dtype=torch.float32).clamp(min=1).view(-1, 1)
+        if self.prefill_evictions == 0 and self.method.evicts_at_decode and self.outside_lens is not None:
+            outside = torch.tensor(self.outside_lens, dtype=torch.float32).view(-1, 1)
+            ratios = [((layer.n_valid().float().cpu() - outside).clamp(min=0).minimum(segt) / segt).mean()
+                      for layer in self.cache.layers if layer.valid is not None]
+        else:
+            ratios = [(k.float().cpu() / segt).mean() for k in self.kept.values()]
+        return float(sum(ratios) / len(ratios)) if ratios else 1.0
 
     def stats(self) -> dict[str, Any]:
         """The compression record of this session (plain JSON types)."""
-        kept = self._per_layer(self.prefill_kept)
-        decode_lens = self._per_layer(self.decode_max_len)
+        kept = [self.kept[i].float().mean(dim=1).tolist() for i in sorted(self.kept)]  # [layer][row]
+        kept_rows = [sum(k[r] for k in kept) / len(kept) for r in range(len(kept[0]))] if kept else []
+        lens = self.cache.lengths()
         return {
             "phase": self.method.resolved_phase,
-            "context_tokens": self.segment_len,
-            "cache_len_per_layer": self._per_layer(self.prefill_cache_len),
-            # mean over layers (an int when every layer kept the same number, as with the methods here)
-            "kept_tokens": ((kept[0] if len(set(kept)) == 1 else sum(kept) / len(kept)) if kept
-                            else self.segment_len),
-            "kept_tokens_per_layer": kept,
+            "head_allocation": self.method.head_allocation,
+            "context_tokens": self.segment_lens[0] if self.segment_lens and len(self.segment_lens) == 1
+            else self.segment_lens,
+            # mean over layers and heads of the segment tokens kept after the compressed prefill
+            "kept_tokens": (kept_rows[0] if len(kept_rows) == 1 else kept_rows) if kept_rows
+            else self.segment_lens,
+            "kept_tokens_per_layer": [sum(k) / len(k) for k in kept],
             "achieved_keep_ratio": self.achieved_keep_ratio(),
-            "decode_capacity": self.decode_capacity if self.method.evicts_at_decode else None,
-            "decode_max_cache_len_per_layer": decode_lens,
+            "decode_capacity": (self.decode_caps[0] if len(self.decode_caps) == 1 else self.decode_caps)
+            if self.decode_caps else None,
+            "cache_len_per_layer": lens,
+            "attention": kv_attention.NAME,
         }

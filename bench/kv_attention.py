@@ -1,0 +1,94 @@
+"""Attention over an ``EvictionCache``, registered with transformers as ``attn_implementation="tokenbench_kv"``.
+
+While a ``KVSession`` is attached the model runs this function in every attention layer. It sees the queries
+(post-RoPE), the layer's slots and their validity/positions, so
+
+- masks come from the cache itself (``valid & pos_k <= pos_q``): left padding, rows/layers/heads of different
+  lengths after eviction and reused slots all just work, with no 2-D mask bookkeeping;
+- a fresh, unpadded prefill runs SDPA with ``is_causal`` (flash / cuDNN kernels on GPU);
+- a decode step runs an explicit GQA-packed attention (queries of a KV group side by side, the cache never
+  expanded): it is memory-bound either way, and it yields the step's attention weights for free, which the
+  decode-time methods (H2O, TOVA, ...) score with;
+- after attention it hands the layer to the session, which scores and evicts when the forward is marked.
+
+transformers builds no mask of its own for an implementation without a registered mask function
+(``masking_utils._preprocess_mask_arguments``), so nothing is computed twice.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+import torch.nn.functional as F
+
+NAME = "tokenbench_kv"
+_ACTIVE: list[Any] = []  # the attached KVSession (a stack: sessions do not nest, but a failure must unwind)
+_registered = False
+
+
+def register() -> None:
+    global _registered
+    if _registered:
+        return
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(NAME, attention)
+    _registered = True
+
+
+def causal_mask(kvalid: torch.Tensor, kpos: torch.Tensor, qpos: torch.Tensor) -> torch.Tensor:
+    """``(B, H, q, K)`` bool: slot ``k`` holds a live token at or before query ``q``'s position. A query that
+    may see nothing (a padding query) sees everything instead, so softmax stays finite; its output is unused."""
+    allowed = kvalid[:, :, None, :] & (kpos[:, :, None, :] <= qpos[:, None, :, None])
+    return allowed | ~allowed.any(dim=-1, keepdim=True)
+
+
+def masked_softmax(scores: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    return scores.float().masked_fill(~mask, float("-inf")).softmax(dim=-1)
+
+
+def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,
+                      kpos: torch.Tensor, qpos: torch.Tensor, scaling: float, fresh_unpadded: bool) -> torch.Tensor:
+    """Multi-token attention through SDPA; ``(B, Hq, q, D)``."""
+    groups = query.shape[1] // key.shape[1]
+    if fresh_unpadded:
+        return F.scaled_dot_product_attention(query, key, value, is_causal=True, scale=scaling,
+                                              enable_gqa=groups > 1)
+    mask = causal_mask(kvalid, kpos, qpos)
+    if mask.shape[1] > 1 and groups > 1:
+        mask = mask.repeat_interleave(groups, dim=1)
+    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+
+
+def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,
+                     scaling: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """One query token per row, explicit and GQA-packed. Returns the output ``(B, Hq, 1, D)`` and the
+    attention weights ``(B, Hq, 1, K)`` (float32)."""
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    qg = query.reshape(b, hk, (hq // hk) * q, d)
+    scores = torch.matmul(qg, key.transpose(-1, -2)).float() * scaling
+    probs = scores.masked_fill_(~kvalid[:, :, None, :], float("-inf")).softmax(dim=-1)
+    out = torch.matmul(probs.to(value.dtype), value)
+    return out.view(b, hq, q, value.shape[-1]), probs.view(b, hq, q, -1)
+
+
+def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
+              attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
+              **kwargs: Any) -> tuple[torch.Tensor, None]:
+    if not _ACTIVE:
+        raise RuntimeError(f"attn_implementation '{NAME}' runs only inside KVMethod.attach()")
+    session = _ACTIVE[-1]
+    layer = session.cache.layers[module.layer_idx]
+    scale = scaling if scaling is not None else query.shape[-1] ** -0.5
+    kvalid, kpos = layer.views()
+    weights = None
+    if query.shape[2] == 1 and layer.slot is not None:
+        out, weights = decode_attention(query, key, value, kvalid, scale)
+    else:
+        fresh = layer.fill == query.shape[2] and session.cache.unpadded
+        kvalid_m, kpos_m = (kvalid[:, :1], kpos[:, :1]) if layer.uniform_heads else (kvalid, kpos)
+        out = prefill_attention(query, key, value, kvalid_m, kpos_m, session.cache.query_positions, scale, fresh)
+    session.after_attention(module, layer, query, weights, scale)
+    return out.transpose(1, 2).contiguous(), None

@@ -1,0 +1,207 @@
+"""The eviction cache of the ``kv`` family: one preallocated buffer per layer, slots with a validity mask.
+
+Why not transformers' ``DynamicCache``: after eviction, rows of a batch (left padding, per-row budgets), layers
+(PyramidKV) and KV heads (Ada-style allocation) hold different numbers of tokens, which a rectangular cache
+plus one shared causal mask cannot express, and a cache that grows by ``torch.cat`` every step can never be
+captured in a CUDA graph. Here every layer owns
+
+- ``keys``/``values``: ``(batch, kv_heads, capacity, head_dim)`` buffers, allocated once;
+- ``valid``: ``(batch, kv_heads, capacity)`` bool — which slots hold a live token (padding and evicted or
+  never-written slots are ``False``; attention masks them, nothing counts them);
+- ``pos``: the true position of the token in each slot (RoPE is applied before caching, so a token keeps its
+  rotary phase wherever it sits; the attention mask is ``valid & pos_k <= pos_q``, so slot order is free).
+
+Writes go to slots ``[fill, fill + q)`` (one offset for the whole layer) or, while decoding, to one slot per
+row and head (``slot``: ``(batch, kv_heads)`` device tensor), which eviction points at the entry it just
+freed. Nothing in the decode-step path reads a device value on the host, so the step can be graph-captured.
+
+Compaction (``compact``) gathers the surviving slots into a new, smaller buffer with room for the tokens still
+to come (``reserve``), so an eviction frees memory for real.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import torch
+from transformers.cache_utils import Cache, CacheLayerMixin
+
+_FAR = 2**62  # position of an empty slot: after every query, so the causal test alone already masks it
+
+
+class EvictionLayer(CacheLayerMixin):
+    """One layer's slots. ``update`` is called by the attention module with the new keys/values."""
+
+    is_sliding = False
+    is_compileable = False
+
+    def __init__(self, cache: EvictionCache, layer_idx: int):
+        super().__init__()
+        self.cache = cache
+        self.layer_idx = layer_idx
+        self.valid: Optional[torch.Tensor] = None
+        self.pos: Optional[torch.Tensor] = None
+        self.fill = 0  # slots [0, fill) have been written (prefill / multi-token forwards)
+        self.slot: Optional[torch.Tensor] = None  # (batch, kv_heads) next decode write slot, decode mode only
+        self.state: dict[str, torch.Tensor] = {}  # method state; (B, H, capacity, ...) tensors follow the slots
+        self.last_written: Optional[torch.Tensor] = None  # (B, H, q) slot indices of the last forward's tokens
+        self.uniform_heads = True  # every KV head holds the same slots (until a per-head eviction)
+
+    # --- transformers' CacheLayerMixin -------------------------------------------------------------------
+
+    def lazy_initialization(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
+        b, h, q, d = key_states.shape
+        cap = q + self.cache.reserve
+        self.device, self.dtype = key_states.device, key_states.dtype
+        self.keys = key_states.new_zeros(b, h, cap, d)
+        self.values = value_states.new_zeros(b, h, cap, value_states.shape[-1])
+        self.valid = torch.zeros(b, h, cap, dtype=torch.bool, device=self.device)
+        self.pos = torch.full((b, h, cap), _FAR, dtype=torch.long, device=self.device)
+        self.is_initialized = True
+
+    @property
+    def capacity(self) -> int:
+        return 0 if self.keys is None else int(self.keys.shape[2])
+
+    def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args: Any,
+               **kwargs: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        if not self.is_initialized:
+            self.lazy_initialization(key_states, value_states)
+        q = key_states.shape[2]
+        qpos, qvalid = self.cache.query_positions, self.cache.query_valid  # (B, q) each, set by the runner
+        b, h = key_states.shape[:2]
+        if self.slot is not None and q == 1:  # decode: one slot per row and head
+            idx = self.slot.unsqueeze(-1)  # (B, H, 1)
+            self.keys.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1]), key_states)
+            self.values.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]), value_states)
+            self.valid.scatter_(2, idx, qvalid.view(b, 1, 1).expand(b, h, 1))
+            self.pos.scatter_(2, idx, qpos.view(b, 1, 1).expand(b, h, 1))
+            self.last_written = idx
+        else:
+            if self.slot is not None:
+                raise RuntimeError("multi-token forward after decoding started")
+            if self.fill + q > self.capacity:
+                self._grow(self.fill + q + self.cache.reserve)
+            s = slice(self.fill, self.fill + q)
+            self.keys[:, :, s] = key_states
+            self.values[:, :, s] = value_states
+            self.valid[:, :, s] = qvalid.unsqueeze(1)
+            self.pos[:, :, s] = torch.where(qvalid, qpos, _FAR).unsqueeze(1)
+            self.last_written = torch.arange(self.fill, self.fill + q, device=self.device).expand(b, h, q)
+            self.fill += q
+        for t in self.state.values():  # a written slot starts with a clean method state
+            t.scatter_(2, self._state_index(self.last_written, t), 0)
+        return self.keys[:, :, : self.attend_len], self.values[:, :, : self.attend_len]
+
+    @property
+    def attend_len(self) -> int:
+        """How many slots attention looks at: all of them once decoding (static shapes), else the written."""
+        return self.capacity if self.slot is not None else self.fill
+
+    def get_mask_sizes(self, query_length: int) -> tuple[int, int]:
+        return self.attend_len + query_length, 0
+
+    def get_seq_length(self) -> int:
+        return self.fill if self.slot is None else self.capacity
+
+    def get_max_length(self) -> int:
+        return -1
+
+    def reset(self) -> None:
+        self.keys = self.values = self.valid = self.pos = self.slot = self.last_written = None
+        self.fill, self.state, self.is_initialized, self.uniform_heads = 0, {}, False, True
+
+    # --- views for attention and scoring -------------------------------------------------------------------
+
+    def views(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """``valid`` and ``pos`` over the slots attention sees."""
+        n = self.attend_len
+        return self.valid[:, :, :n], self.pos[:, :, :n]
+
+    def n_valid(self) -> torch.Tensor:
+        """Live tokens per row and head, ``(B, H)``."""
+        return self.valid.sum(dim=-1)
+
+    # --- reshaping the buffer --------------------------------------------------------------------------------
+
+    def _state_index(self, idx: torch.Tensor, t: torch.Tensor) -> torch.Tensor:
+        return idx.view(*idx.shape, *([1] * (t.dim() - 3))).expand(*idx.shape, *t.shape[3:])
+
+    def _grow(self, new_cap: int) -> None:
+        extra = new_cap - self.capacity
+        pad = lambda t, v: torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), v)], dim=2)  # noqa: E731
+        self.keys, self.values = pad(self.keys, 0), pad(self.values, 0)
+        self.valid, self.pos = pad(self.valid, False), pad(self.pos, _FAR)
+        self.state = {k: pad(t, 0) for k, t in self.state.items()}
+
+    def compact(self, keep: torch.Tensor, keep_ok: torch.Tensor, reserve: int) -> None:
+        """Keep the slots ``keep`` (``(B, H, W)`` indices; ``keep_ok`` marks the real ones) in a new buffer
+        of ``W + reserve`` slots; everything else is freed."""
+        b, h, w = keep.shape
+        cap = w + reserve
+
+        def take(t: torch.Tensor, empty: Any) -> torch.Tensor:
+            out = t.new_full((b, h, cap, *t.shape[3:]), empty)
+            out[:, :, :w] = t.gather(2, self._state_index(keep, t))
+            return out
+
+        ok = keep_ok & self.valid.gather(2, keep)
+        self.keys, self.values = take(self.keys, 0), take(self.values, 0)
+        pos = take(self.pos, _FAR)
+        pos[:, :, :w] = torch.where(ok, pos[:, :, :w], _FAR)
+        self.pos = pos
+        self.valid = torch.zeros(b, h, cap, dtype=torch.bool, device=keep.device)
+        self.valid[:, :, :w] = ok
+        self.state = {k: take(t, 0) for k, t in self.state.items()}
+        self.fill = w
+        self.uniform_heads = h == 1
+        if self.slot is not None:  # decoding: the next token goes to the first free slot
+            self.slot = torch.full((b, h), w, dtype=torch.long, device=keep.device)
+
+    def start_decoding(self, steps: int) -> None:
+        """Switch to per-slot writes with room for ``steps`` more tokens per row and head."""
+        if self.capacity < self.fill + steps:
+            self._grow(self.fill + steps)
+        self.slot = torch.full((self.keys.shape[0], self.keys.shape[1]), self.fill, dtype=torch.long,
+                               device=self.device)
+
+    def nbytes(self) -> int:
+        """Bytes of the key/value buffers as allocated."""
+        if self.keys is None:
+            return 0
+        return self.keys.numel() * self.keys.element_size() + self.values.numel() * self.values.element_size()
+
+    def used_bytes(self) -> int:
+        """Bytes of the live entries only."""
+        if self.keys is None:
+            return 0
+        per = (self.keys.shape[-1] * self.keys.element_size() + self.values.shape[-1] * self.values.element_size())
+        return int(self.valid.sum()) * per
+
+
+class EvictionCache(Cache):
+    """A transformers ``Cache`` of ``EvictionLayer`` s. The runner sets ``query_positions``/``query_valid``
+    (``(B, q)``: true positions and non-padding of the tokens fed next) before every forward."""
+
+    def __init__(self, num_layers: int, reserve: int = 0):
+        self.reserve = int(reserve)  # free slots kept after the written ones (tokens still to come)
+        self.query_positions: Optional[torch.Tensor] = None
+        self.query_valid: Optional[torch.Tensor] = None
+        self.unpadded = True  # no padding among the tokens fed next (lets a fresh prefill run is_causal SDPA)
+        super().__init__(layers=[EvictionLayer(self, i) for i in range(num_layers)])
+
+    def set_inputs(self, positions: torch.Tensor, valid: torch.Tensor) -> None:
+        """Positions and non-padding ``(B, q)`` of the next forward's tokens (a host sync: not for decode
+        steps, whose static tensors the runner updates in place)."""
+        self.query_positions, self.query_valid = positions, valid.to(torch.bool)
+        self.unpadded = bool(self.query_valid.all())
+
+    def nbytes(self) -> int:
+        return sum(layer.nbytes() for layer in self.layers)
+
+    def used_bytes(self) -> int:
+        return sum(layer.used_bytes() for layer in self.layers)
+
+    def lengths(self) -> list[int]:
+        """Live tokens per layer (maximum over rows and heads)."""
+        return [int(layer.n_valid().max()) if layer.valid is not None else 0 for layer in self.layers]
