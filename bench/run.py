@@ -224,7 +224,9 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
         bar = tqdm(todo, desc=f"{task_name} × {method_name} × {model_name}", unit="sample",
                    disable=not progress, dynamic_ncols=True)
         for idx, sample in bar:
-            out = runner.run(sample, use_chat_template=use_template)
+            # a sample may say whether it takes the chat template (LongBench's per-task rule)
+            template = sample.meta.get("chat_template")
+            out = runner.run(sample, use_chat_template=use_template if template is None else bool(template))
             metrics = p.task.score(sample, out.text)
             sample_log.append({
                 "sample_id": sample.id,
