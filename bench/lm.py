@@ -293,7 +293,7 @@ class LMRunner:
                     stamps.append(timer.stamp())
                     if logits_seen is not None:
                         logits_seen.append(step_logits.float().clone())
-                    if stop_n is None and n >= fixed_tokens and (n % 8 == 0 or n >= max_new_tokens):
+                    if stop_n is None and n >= fixed_tokens and (n % 8 == 0 or n >= max_new_tokens or n == fixed_tokens):
                         stop_n = self._stop(tokens[:, :n], max_new_tokens)  # a host sync, every 8 steps
             timer.synchronize()
             compression = session.stats()
@@ -397,6 +397,7 @@ class LMRunner:
                 "peak_allocated": worst("peak_allocated"),
                 "peak_reserved": worst("peak_reserved"),
                 "kv_cache_bytes": g.kv_cache_bytes,
+                "kv_cache_bytes_used": g.compression.get("kv_cache_bytes_used"),
                 "kv_cache_bytes_end": g.kv_cache_bytes_end,
             },
             compression=g.compression,

@@ -1,5 +1,6 @@
-"""KV-cache family: every registered kv method is checked automatically (no-op at keep-all, budget, real cache
-shrinkage, batch rows), plus method-specific behaviour and the explicit-position decoding after eviction."""
+"""KV-cache family: every registered kv method is checked automatically (no-op at keep-all, budget per row and
+layer with left padding, real cache shrinkage, batch == single runs, decode capacity), plus the eviction cache
+and attention function against plain transformers, and method-specific behaviour of the built-in methods."""
 
 from __future__ import annotations
 
@@ -11,9 +12,9 @@ import pytest
 import torch
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.kv import KVMethod
+from tokenbench.families.kv import KVMethod, ScoreContext
+from tokenbench.kv_cache import EvictionCache
 from tokenbench.lm import LMRunner, Prompt
-from tokenbench.measure import cache_lengths
 from tokenbench.models.tiny import TinyLlama
 from tokenbench.registry import METHODS, load_all
 from tokenbench.task import Sample
@@ -35,7 +36,10 @@ def configurable(cls: type) -> bool:
     return cls.takes_budget and {"keep_ratio", "n_keep"} <= init_fields(cls)
 
 
-DECODERS = [c for c in KV_METHODS if configurable(c) and "decode" in c.supported_phases]
+CONFIGURABLE = [c for c in KV_METHODS if configurable(c)]
+CIDS = [c.registered_name for c in CONFIGURABLE]
+PREFILLERS = [c for c in CONFIGURABLE if "prefill" in c.supported_phases]
+DECODERS = [c for c in CONFIGURABLE if "decode" in c.supported_phases]
 
 
 def make(cls: type, **kw) -> KVMethod:
@@ -58,14 +62,104 @@ def prompt(seed: int = 0, batch: int = 1, n_prefix: int = P, n_suffix: int = S) 
     return Prompt(ids[:, :n_prefix], ids[:, n_prefix:])
 
 
+def ragged(seed: int, lengths: list[int], n_suffix: list[int] | None = None) -> list[Prompt]:
+    """Single-row prompts of different prefix (and suffix) lengths."""
+    g = torch.Generator().manual_seed(seed)
+    n_suffix = n_suffix or [S] * len(lengths)
+    return [Prompt(torch.randint(3, 390, (1, n), generator=g), torch.randint(3, 390, (1, s), generator=g))
+            for n, s in zip(lengths, n_suffix)]
+
+
 def gen(loaded, method, p: Prompt, n: int = 6, logits: bool = True):
     return LMRunner(loaded, method, MeasureSettings(warmup=0)).generate(p, n, n, return_logits=logits)
 
 
 def per_token_bytes(loaded, batch: int = 1) -> int:
+    """Bytes one cached token costs in one layer (keys + values, all KV heads, float32)."""
     cfg = loaded.model.config
     head_dim = cfg.hidden_size // cfg.num_attention_heads
-    return cfg.num_hidden_layers * 2 * batch * cfg.num_key_value_heads * head_dim * 4  # float32
+    return 2 * batch * cfg.num_key_value_heads * head_dim * 4
+
+
+def prefill(loaded, method: KVMethod, p: Prompt) -> EvictionCache:
+    """The compressed prefill alone, through a session (context, plus the question when query-aware)."""
+    model = loaded.model
+    pm, sm = p.masks()
+    ids, valid, seg = p.prefix_ids, pm, pm
+    if method.query_aware:
+        ids, valid = torch.cat([p.prefix_ids, p.suffix_ids], 1), torch.cat([pm, sm], 1)
+        seg = torch.cat([pm, torch.zeros_like(sm)], 1)
+    pos = (valid.cumsum(1) - 1).clamp(min=0)
+    cache = EvictionCache(model.config.num_hidden_layers)
+    with torch.inference_mode(), method.attach(model, cache) as session:
+        cache.set_inputs(pos, valid)
+        with session.compressing(seg):
+            model(input_ids=ids, position_ids=pos, cache=cache, use_cache=True)
+    return cache
+
+
+def live_positions(layer) -> list[list[list[int]]]:
+    """[row][head] -> sorted true positions of the live slots."""
+    out = []
+    for b in range(layer.valid.shape[0]):
+        out.append([sorted(layer.pos[b, h][layer.valid[b, h]].tolist()) for h in range(layer.valid.shape[1])])
+    return out
+
+
+# --- the eviction cache and attention function against plain transformers -------------------------------
+
+
+def hf_greedy(model, ids: torch.Tensor, n: int) -> tuple[torch.Tensor, list[torch.Tensor]]:
+    from transformers import DynamicCache
+
+    with torch.inference_mode():
+        cache = DynamicCache(config=model.config)
+        logits = model(input_ids=ids, cache=cache, use_cache=True).logits[:, -1]
+        toks, seen = [], []
+        for _ in range(n):
+            seen.append(logits.float())
+            t = logits.argmax(-1)
+            toks.append(t)
+            logits = model(input_ids=t[:, None], cache=cache, use_cache=True).logits[:, -1]
+    return torch.stack(toks, 1), seen
+
+
+@pytest.mark.parametrize("query_aware", [False, True])
+@pytest.mark.parametrize("attn", ["eager", "sdpa"])
+def test_full_cache_equals_plain_transformers(loaded, loaded_sdpa, attn, query_aware) -> None:
+    """`none` through the eviction cache + tokenbench attention == transformers' own cache and attention,
+    also for rows of a left-padded batch (each compared with its prompt alone)."""
+    lm = loaded if attn == "eager" else loaded_sdpa
+    prompts = ragged(11, [40, 23, 31], [6, 4, 6])
+    out = gen(lm, NoneKV(query_aware=query_aware), Prompt.batch(prompts), n=5)
+    for row, p in enumerate(prompts):
+        ref_tok, ref_logits = hf_greedy(lm.model, torch.cat([p.prefix_ids, p.suffix_ids], 1), 5)
+        assert torch.equal(out.tokens[row], ref_tok[0])
+        for a, b in zip(out.logits, ref_logits):
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=1e-4)
+
+
+def test_cache_is_stored_at_kv_head_granularity(loaded) -> None:
+    cfg = loaded.model.config
+    assert cfg.num_key_value_heads < cfg.num_attention_heads  # the tiny model is GQA
+    cache = prefill(loaded, make(METHODS.get("streaming_llm", "kv").cls, keep_ratio=0.5), prompt(12))
+    for layer in cache.layers:
+        assert layer.keys.shape[1] == cfg.num_key_value_heads  # never expanded to query heads
+        assert layer.valid.shape[:2] == layer.keys.shape[:2]
+
+
+def test_loglikelihood_matches_transformers(loaded) -> None:
+    runner = LMRunner(loaded, NoneKV(), MeasureSettings(warmup=0))
+    ctx, cont = list(range(5, 30)), [40, 41, 42, 43]
+    ll, greedy = runner.loglikelihood(ctx, cont)
+    with torch.inference_mode():
+        logits = loaded.model(input_ids=torch.tensor([ctx + cont])).logits[0].float()
+    logp = logits.log_softmax(-1)[len(ctx) - 1:-1]
+    ref = logp.gather(1, torch.tensor(cont)[:, None]).sum()
+    assert ll == pytest.approx(float(ref), abs=1e-4)
+    assert greedy == bool((logp.argmax(-1) == torch.tensor(cont)).all())
+    compressed = LMRunner(loaded, METHODS.get("streaming_llm", "kv").cls(n_keep=8), MeasureSettings(warmup=0))
+    assert compressed.loglikelihood(ctx, cont)[0] != pytest.approx(ll, abs=1e-6)  # the method applies
 
 
 # --- every registered kv method -------------------------------------------------------------------------
@@ -94,73 +188,65 @@ def test_noop_at_keep_all_matches_none(loaded, cls, query_aware) -> None:
 
 @pytest.mark.parametrize("query_aware", [False, True])
 @pytest.mark.parametrize("budget", [{"keep_ratio": 0.5}, {"n_keep": 7}], ids=["ratio", "n_keep"])
-@pytest.mark.parametrize("cls", [c for c in KV_METHODS if configurable(c)],
-                         ids=[c.registered_name for c in KV_METHODS if configurable(c)])
-def test_budget_respected_and_cache_shrinks(loaded, cls, budget, query_aware) -> None:
-    if "prefill" not in cls.supported_phases:
-        pytest.skip("no prefill phase")
+@pytest.mark.parametrize("cls", PREFILLERS, ids=[c.registered_name for c in PREFILLERS])
+def test_budget_per_row_and_layer_with_padding(loaded, cls, budget, query_aware) -> None:
+    """A left-padded batch of different lengths: after the compressed prefill every row, layer and KV head
+    holds exactly its own budget of context tokens (padding never counted), plus the question when
+    query-aware."""
     m = make(cls, phase="prefill", query_aware=query_aware, **budget)
-    k = m.budget(P)
-    assert k == (20 if "keep_ratio" in budget else 7)
-    p = prompt(2, batch=2)  # two different rows of identical length
-    out = gen(loaded, m, p, n=3, logits=False)
-    comp = out.compression
-    held = k + (S if query_aware else 0)  # the question is never evicted
-    assert comp["cache_len_per_layer"] == [held, held]
-    assert comp["kept_tokens"] == k and comp["context_tokens"] == P
-    assert comp["achieved_keep_ratio"] == pytest.approx(k / P)
-    # at the start of decoding the cache holds the kept context + the question, for both rows
-    assert out.cache_len_start == [k + S] * 2
-    full = gen(loaded, NoneKV(query_aware=query_aware), p, n=3, logits=False)
-    assert full.kv_cache_bytes == (P + S) * per_token_bytes(loaded, batch=2)
-    assert out.kv_cache_bytes == (k + S) * per_token_bytes(loaded, batch=2)  # really gone, not masked
+    lengths = [40, 17, 29]
+    cache = prefill(loaded, m, Prompt.batch(ragged(2, lengths)))
+    n_layers = len(cache.layers)
+    for i, layer in enumerate(cache.layers):
+        for row, n in enumerate(lengths):
+            want = m.layer_budget(m.budget(n), n, i, n_layers)
+            held = layer.valid[row].sum(-1)  # per KV head
+            assert held.tolist() == [want + (S if query_aware else 0)] * held.shape[0], (i, row)
+            pos = layer.pos[row][layer.valid[row]]
+            assert int(pos.max()) < n + (S if query_aware else 0)  # only real tokens, never padding
 
 
-def _session_prefill(loaded, method, p: Prompt):
-    """Prefill through a session directly; returns (session, cache) with the hooks already removed."""
-    from transformers import DynamicCache
-
-    model = loaded.model
-    cache = DynamicCache(config=model.config)
-    ids = torch.cat([p.prefix_ids, p.suffix_ids], 1) if method.query_aware else p.prefix_ids
-    with torch.inference_mode(), method.attach(model) as session:
-        with session.compressing(p.prefix_ids.shape[1]):
-            model(input_ids=ids, position_ids=torch.arange(ids.shape[1]).unsqueeze(0), past_key_values=cache,
-                  use_cache=True)
-        positions = [session.positions(i) for i in range(len(cache.layers))]
-    return session, cache, positions
-
-
-@pytest.mark.parametrize("cls", [c for c in KV_METHODS if configurable(c)],
-                         ids=[c.registered_name for c in KV_METHODS if configurable(c)])
-def test_kept_entries_are_the_full_cache_entries(loaded, cls) -> None:
-    """Eviction only selects: every kept key/value equals the full cache's entry at its recorded position,
-    per batch row and KV head, and positions stay in order."""
-    p = prompt(3, batch=2)
-    _, full, _ = _session_prefill(loaded, NoneKV(), p)
-    _, cache, positions = _session_prefill(loaded, make(cls, n_keep=9, phase="prefill"), p)
-    for i, (layer, pos) in enumerate(zip(cache.layers, positions)):
-        assert pos.shape == (2, 2, 9)
-        assert bool((pos[..., 1:] > pos[..., :-1]).all())
-        idx = pos.unsqueeze(-1).expand(-1, -1, -1, layer.keys.shape[-1])
-        ref = full.layers[i]
-        assert torch.equal(layer.keys, ref.keys.gather(2, idx))
-        assert torch.equal(layer.values, ref.values.gather(2, idx))
+@pytest.mark.parametrize("cls", PREFILLERS, ids=[c.registered_name for c in PREFILLERS])
+def test_cache_bytes_drop_in_proportion(loaded, cls) -> None:
+    """Buffers are really smaller (not masked): allocated bytes = kept + question + decode room per layer."""
+    m = make(cls, keep_ratio=0.25, phase="prefill")
+    p = prompt(2, batch=2)
+    out, full = gen(loaded, m, p, n=3, logits=False), gen(loaded, NoneKV(), p, n=3, logits=False)
+    ptb = per_token_bytes(loaded, batch=2)
+    kept = out.compression["kept_tokens_per_layer"]
+    assert full.kv_cache_bytes == 2 * (P + S + 3) * ptb
+    assert out.kv_cache_bytes == sum(int(k) + S + 3 for k in kept) * ptb
+    assert out.compression["kv_cache_bytes_used"] == sum(int(k) + S for k in kept) * ptb
+    assert sum(kept) / len(kept) == pytest.approx(m.budget(P), abs=0.5)
+    assert out.compression["achieved_keep_ratio"] == pytest.approx(sum(kept) / len(kept) / P)
 
 
 @pytest.mark.parametrize("query_aware", [False, True])
-@pytest.mark.parametrize("cls", [c for c in KV_METHODS if configurable(c)],
-                         ids=[c.registered_name for c in KV_METHODS if configurable(c)])
-def test_batch_row_equals_prompt_alone(loaded, cls, query_aware) -> None:
-    m = make(cls, keep_ratio=0.5, phase="prefill", query_aware=query_aware)
-    both = gen(loaded, m, prompt(4, batch=2))
-    for row in (0, 1):
-        rows = prompt(4, batch=2)
-        alone_prompt = Prompt(rows.prefix_ids[row:row + 1], rows.suffix_ids[row:row + 1])
-        alone = gen(loaded, m, alone_prompt)
-        assert torch.equal(both.tokens[row], alone.tokens[0])
+@pytest.mark.parametrize("cls", CONFIGURABLE, ids=CIDS)
+def test_batch_of_four_equals_four_single_runs(loaded, cls, query_aware) -> None:
+    m = make(cls, keep_ratio=0.5, query_aware=query_aware)
+    prompts = ragged(4, [40, 33, 21, 37], [6, 5, 6, 3])
+    both = gen(loaded, m, Prompt.batch(prompts))
+    for row, p in enumerate(prompts):
+        alone = gen(loaded, m, p)
+        assert torch.equal(both.tokens[row], alone.tokens[0]), row
         for a, b in zip(both.logits, alone.logits):
-            torch.testing.assert_close(a[row], b[0], atol=1e-5, rtol=1e-5)
+            torch.testing.assert_close(a[row], b[0], atol=1e-4, rtol=1e-4)
+
+
+@pytest.mark.parametrize("cls", PREFILLERS, ids=[c.registered_name for c in PREFILLERS])
+def test_kept_entries_are_the_full_cache_entries(loaded, cls) -> None:
+    """Eviction only selects: every live key/value equals the full cache's entry at its true position."""
+    p = prompt(3, batch=2)
+    full = prefill(loaded, NoneKV(), p)
+    cache = prefill(loaded, make(cls, n_keep=9, phase="prefill"), p)
+    for layer, ref in zip(cache.layers, full.layers):
+        for b in range(2):
+            for h in range(layer.keys.shape[1]):
+                live = layer.valid[b, h]
+                pos = layer.pos[b, h][live]
+                assert torch.equal(layer.keys[b, h][live], ref.keys[b, h, pos])
+                assert torch.equal(layer.values[b, h][live], ref.values[b, h, pos])
 
 
 @pytest.mark.parametrize("phase", ["decode", "both"])
@@ -171,14 +257,12 @@ def test_decode_phase_holds_cache_at_capacity(loaded, cls, phase) -> None:
     comp = out.compression
     capacity = m.budget(P) + S  # the size right after a compressed prefill: kept context + question
     assert comp["decode_capacity"] == capacity
-    assert comp["decode_max_cache_len_per_layer"] == [capacity] * 2  # never above it
-    assert out.cache_len_end == [capacity] * 2  # and held there: 11 decode steps later, no growth
-    assert out.kv_cache_bytes_end == capacity * per_token_bytes(loaded)
+    assert out.cache_len_end == [capacity] * 2  # held there: 11 decode steps later, no growth
     if phase == "decode":
-        assert comp["cache_len_per_layer"] == [P, P]  # the prefill itself was not compressed
+        assert comp["kept_tokens_per_layer"] == [P, P]  # the prefill itself was not compressed
         assert out.cache_len_start == [P + S] * 2
     else:
-        assert comp["cache_len_per_layer"] == [m.budget(P)] * 2
+        assert out.cache_len_start == [m.budget(P) + S] * 2
     assert comp["achieved_keep_ratio"] == pytest.approx(m.budget(P) / P)
 
 
@@ -226,51 +310,84 @@ def test_nominal_budget_and_noop() -> None:
 
 @pytest.mark.parametrize("query_aware", [False, True])
 def test_streaming_llm_keeps_sinks_and_recent_window(loaded, query_aware) -> None:
-    cls = METHODS.get("streaming_llm").cls
-    m = cls(n_keep=10, n_sink=4, query_aware=query_aware)
-    p = prompt(6, batch=2)
+    m = METHODS.get("streaming_llm", "kv").cls(n_keep=10, n_sink=4, query_aware=query_aware)
     expected = list(range(4)) + list(range(P - 6, P)) + (list(range(P, P + S)) if query_aware else [])
-    _, full, _ = _session_prefill(loaded, NoneKV(query_aware=query_aware), p)
-    _, cache, positions = _session_prefill(loaded, m, p)
-    for i, pos in enumerate(positions):
-        assert pos.tolist() == [[expected] * 2] * 2  # every row, every KV head
-        assert torch.equal(cache.layers[i].keys, full.layers[i].keys[:, :, expected])
-        assert torch.equal(cache.layers[i].values, full.layers[i].values[:, :, expected])
+    cache = prefill(loaded, m, prompt(6, batch=2))
+    for layer in cache.layers:
+        assert live_positions(layer) == [[expected] * 2] * 2  # every row, every KV head
 
 
 def test_streaming_llm_rolling_window_during_decode(loaded) -> None:
-    from transformers import DynamicCache
-
-    m = METHODS.get("streaming_llm").cls(n_keep=8, n_sink=2, phase="both")
-    model, p = loaded.model, prompt(7)
-    cache = DynamicCache(config=model.config)
+    """phase=both: after every decode step the live positions are the sinks plus the newest tokens."""
+    m = METHODS.get("streaming_llm", "kv").cls(n_keep=8, n_sink=2, phase="both")
     capacity = 8 + S
-    with torch.inference_mode(), m.attach(model) as session:
-        with session.compressing(P):
-            model(input_ids=p.prefix_ids, position_ids=torch.arange(P)[None], past_key_values=cache,
-                  use_cache=True)
-        out = model(input_ids=p.suffix_ids, position_ids=torch.arange(P, P + S)[None], past_key_values=cache)
-        tok = out.logits[:, -1].argmax(-1, keepdim=True)
-        with session.decoding():
+    cache = EvictionCache(2)
+    p = prompt(7)
+    with torch.inference_mode(), m.attach(loaded.model, cache) as session:
+        pos = torch.arange(P)[None]
+        cache.set_inputs(pos, torch.ones_like(pos, dtype=torch.bool))
+        with session.compressing(torch.ones(1, P, dtype=torch.bool), reserve=S):
+            loaded.model(input_ids=p.prefix_ids, position_ids=pos, cache=cache)
+        pos = torch.arange(P, P + S)[None]
+        cache.set_inputs(pos, torch.ones_like(pos, dtype=torch.bool))
+        tok = loaded.model(input_ids=p.suffix_ids, position_ids=pos, cache=cache).logits[:, -1].argmax(-1)
+        with session.decoding(10):
             for step in range(10):
-                pos = P + S + step
-                out = model(input_ids=tok, position_ids=torch.tensor([[pos]]), past_key_values=cache)
-                tok = out.logits[:, -1].argmax(-1, keepdim=True)
-                assert cache_lengths(cache) == [capacity, capacity]
-                window = list(range(pos + 1 - (capacity - 2), pos + 1))
-                assert session.positions(0)[0, 0].tolist() == [0, 1] + window
+                at = P + S + step
+                cache.set_inputs(torch.tensor([[at]]), torch.ones(1, 1, dtype=torch.bool))
+                tok = loaded.model(input_ids=tok[:, None], position_ids=torch.tensor([[at]]),
+                                   cache=cache).logits[:, -1].argmax(-1)
+                window = list(range(at + 1 - (capacity - 2), at + 1))
+                for layer in cache.layers:
+                    assert live_positions(layer) == [[[0, 1] + window] * 2]
+                    assert layer.capacity == capacity + 1  # one spare slot, reused every step
 
 
 def test_random_is_deterministic_and_seed_dependent(loaded) -> None:
-    cls = METHODS.get("random").cls
+    cls = METHODS.get("random", "kv").cls
     p = prompt(8)
-    a = _session_prefill(loaded, cls(keep_ratio=0.5, seed=0), p)[2]
-    b = _session_prefill(loaded, cls(keep_ratio=0.5, seed=0), p)[2]
-    c = _session_prefill(loaded, cls(keep_ratio=0.5, seed=1), p)[2]
-    assert all(torch.equal(x, y) for x, y in zip(a, b))
-    assert not all(torch.equal(x, y) for x, y in zip(a, c))
-    assert not torch.equal(a[0], a[1])  # layers draw their own selection
-    assert not torch.equal(a[0][:, 0], a[0][:, 1])  # and so do KV heads
+    a, b, c = (live_positions(prefill(loaded, cls(keep_ratio=0.5, seed=s), p).layers[0]) for s in (0, 0, 1))
+    a1 = live_positions(prefill(loaded, cls(keep_ratio=0.5, seed=0), p).layers[1])
+    assert a == b and a != c
+    assert a != a1  # layers draw their own selection
+    assert a[0][0] != a[0][1]  # and so do KV heads
+
+
+@dataclass
+class _NormScore(KVMethod):
+    """Test-only: key norm as a score comparable across heads."""
+
+    supports_adaptive_heads: ClassVar[bool] = True
+
+    def score(self, ctx: ScoreContext) -> torch.Tensor:
+        return ctx.keys.float().norm(dim=-1)
+
+
+def test_adaptive_head_allocation_shares_the_layer_budget(loaded) -> None:
+    """Ada-KV: each head keeps its top floor(0.2 k), the rest of the layer's k * H go to the best remaining
+    (head, token) pairs over all heads — compared with a direct reference on the full cache's keys."""
+    m = _NormScore(keep_ratio=0.25, head_allocation="adaptive")
+    p = prompt(13, batch=2)
+    full = prefill(loaded, NoneKV(), p)
+    cache = prefill(loaded, m, p)
+    k = m.budget(P)
+    floor = int(k * 0.2)
+    for layer, ref in zip(cache.layers, full.layers):
+        h = layer.keys.shape[1]
+        for b in range(2):
+            scores = ref.keys[b].float().norm(dim=-1)  # (H, P)
+            chosen = set()
+            for head in range(h):
+                chosen |= {(head, int(t)) for t in scores[head].topk(floor).indices}
+            rest = sorted(((float(scores[hh, t]), hh, t) for hh in range(h) for t in range(P)
+                           if (hh, t) not in chosen), reverse=True)
+            chosen |= {(hh, t) for _, hh, t in rest[: k * h - len(chosen)]}
+            got = {(head, int(t)) for head in range(h) for t in layer.pos[b, head][layer.valid[b, head]]}
+            assert got == chosen
+        held = layer.valid.sum(-1)
+        assert held.sum(-1).tolist() == [k * h] * 2 and bool((held >= floor).all())
+    with pytest.raises(TokenbenchError, match="adaptive"):
+        METHODS.get("streaming_llm", "kv").cls(keep_ratio=0.5, head_allocation="adaptive")
 
 
 # --- positions after eviction: compare with a full forward under an equivalent attention mask -----------
@@ -309,7 +426,7 @@ def test_generation_after_eviction_uses_true_positions(loaded, loaded_sdpa, meth
     for step in range(n_new):
         torch.testing.assert_close(out.logits[step][0], ref[P + S - 1 + step], atol=2e-4, rtol=1e-4)
     if method != "none":  # the test would catch a runner that let transformers derive positions
-        assert out.compression["cache_len_per_layer"][0] == 12 + (S if query_aware else 0)
+        assert out.compression["kept_tokens_per_layer"] == [12, 12]
 
 
 # --- the runner ----------------------------------------------------------------------------------------
@@ -337,8 +454,11 @@ def test_runner_run_records_everything(loaded, use_template) -> None:
         assert out.latency[k] > 0 and out.latency[f"{k}_spread"] >= 0
     assert out.latency["ttft_ms"] >= out.latency["prefill_ms"]
     kept = m.budget(pr.n_context)
-    assert out.memory["kv_cache_bytes"] == (kept + pr.n_prompt - pr.n_context) * per_token_bytes(loaded)
-    assert out.memory["kv_cache_bytes_end"] > out.memory["kv_cache_bytes"]  # 7 more tokens after decoding 8
+    question = pr.n_prompt - pr.n_context
+    # two layers, each holding the kept context + the question, with room preallocated for 8 decode steps
+    assert out.memory["kv_cache_bytes"] == 2 * (kept + question + 8) * per_token_bytes(loaded)
+    assert out.memory["kv_cache_bytes_used"] == 2 * (kept + question) * per_token_bytes(loaded)
+    assert out.memory["kv_cache_bytes_end"] == out.memory["kv_cache_bytes"]  # no growth while decoding
     assert out.compression["context_tokens"] == pr.n_context
     assert 0.45 < out.compression["achieved_keep_ratio"] <= 0.5
 

@@ -70,17 +70,20 @@ def test_example_passes_the_generic_kv_checks(example, loaded) -> None:
     for query_aware in (False, True):
         kv_checks.test_noop_at_keep_all_matches_none(loaded, example, query_aware)
         for budget in ({"keep_ratio": 0.5}, {"n_keep": 7}):
-            kv_checks.test_budget_respected_and_cache_shrinks(loaded, example, budget, query_aware)
-        kv_checks.test_batch_row_equals_prompt_alone(loaded, example, query_aware)
+            kv_checks.test_budget_per_row_and_layer_with_padding(loaded, example, budget, query_aware)
+        kv_checks.test_batch_of_four_equals_four_single_runs(loaded, example, query_aware)
     kv_checks.test_kept_entries_are_the_full_cache_entries(loaded, example)
+    kv_checks.test_cache_bytes_drop_in_proportion(loaded, example)
+    for phase in ("decode", "both"):
+        kv_checks.test_decode_phase_holds_cache_at_capacity(loaded, example, phase)
 
 
 def test_example_keeps_exactly_the_most_recent_tokens(example, loaded) -> None:
     p = kv_checks.prompt(seed=3)
-    _, cache, positions = kv_checks._session_prefill(loaded, example(n_keep=10), p)
+    cache = kv_checks.prefill(loaded, example(n_keep=10), p)
     n = p.prefix_ids.shape[1]
-    for layer_positions in positions:
-        assert torch.equal(layer_positions[0, 0], torch.arange(n - 10, n))
+    for layer in cache.layers:
+        assert kv_checks.live_positions(layer) == [[list(range(n - 10, n))] * layer.keys.shape[1]]
 
 
 def test_example_runs_end_to_end(example, tmp_path) -> None:

@@ -508,6 +508,7 @@ class KVSession:
             "kept_tokens": (kept_rows[0] if len(kept_rows) == 1 else kept_rows) if kept_rows
             else self.segment_lens,
             "kept_tokens_per_layer": [sum(k) / len(k) for k in kept],
+            "kept_tokens_per_layer_row": kept,  # [layer][row], mean over KV heads
             "achieved_keep_ratio": self.achieved_keep_ratio(),
             "decode_capacity": (self.decode_caps[0] if len(self.decode_caps) == 1 else self.decode_caps)
             if self.decode_caps else None,
