@@ -76,8 +76,11 @@ def qa_f1_score(prediction: str, ground_truth: str, **_: object) -> float:
 
 
 def _jieba_tokens(text: str) -> list[str]:
+    import logging
+
     import jieba
 
+    jieba.setLogLevel(logging.WARNING)  # not the "Building prefix dict" lines on every first use
     return list(jieba.cut(text, cut_all=False))
 
 
