@@ -196,6 +196,32 @@ class EvictionCache(Cache):
         self.query_positions, self.query_valid = positions, valid.to(torch.bool)
         self.unpadded = bool(self.query_valid.all())
 
+    @classmethod
+    def merge(cls, caches: list[EvictionCache]) -> EvictionCache:
+        """Stack the rows of several caches (each prefilled on its own) into one for batched decoding; every
+        layer gets the largest capacity among them, the extra slots empty."""
+        out = cls(len(caches[0].layers), reserve=max(c.reserve for c in caches))
+        for i, layer in enumerate(out.layers):
+            parts = [c.layers[i] for c in caches]
+            cap = max(p.capacity for p in parts)
+
+            def cat(get: Any, empty: Any) -> torch.Tensor:
+                ts = []
+                for p in parts:
+                    t = get(p)
+                    extra = cap - t.shape[2]
+                    ts.append(torch.cat([t, t.new_full((*t.shape[:2], extra, *t.shape[3:]), empty)], dim=2)
+                              if extra else t)
+                return torch.cat(ts, dim=0)
+
+            layer.keys, layer.values = cat(lambda p: p.keys, 0), cat(lambda p: p.values, 0)
+            layer.valid, layer.pos = cat(lambda p: p.valid, False), cat(lambda p: p.pos, _FAR)
+            layer.state = {k: cat(lambda p, k=k: p.state[k], 0) for k in parts[0].state}
+            layer.fill = max(p.fill for p in parts)
+            layer.uniform_heads = all(p.uniform_heads for p in parts)
+            layer.device, layer.dtype, layer.is_initialized = parts[0].device, parts[0].dtype, True
+        return out
+
     def nbytes(self) -> int:
         return sum(layer.nbytes() for layer in self.layers)
 

@@ -41,7 +41,7 @@ from typing import Any, Optional
 import torch
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.kv import KVMethod, attention_modules
+from tokenbench.families.kv import KVMethod, KVSession, attention_modules
 from tokenbench.kv_cache import EvictionCache
 from tokenbench.measure import Timer, peak_memory, summarize_repeats
 
@@ -211,13 +211,38 @@ class LMRunner:
     def _use_graph(self) -> bool:
         return bool(getattr(self.measure, "cuda_graph", False)) and self.device.type == "cuda"
 
+    def _prefill(self, prefix: torch.Tensor, suffix: torch.Tensor, pm: torch.Tensor, sm: torch.Tensor,
+                 steps: int) -> tuple[EvictionCache, KVSession, torch.Tensor, torch.Tensor]:
+        """Compressed prefill (+ question) of some rows; returns their cache, session, last logits and the
+        position of their first generated token."""
+        n_prefix, n_suffix = prefix.shape[1], suffix.shape[1]
+        len_pre, len_suf = pm.sum(dim=1), sm.sum(dim=1)
+        pos_pre = (pm.cumsum(dim=1) - 1).clamp(min=0)
+        pos_suf = len_pre.unsqueeze(1) + (sm.cumsum(dim=1) - 1).clamp(min=0)
+        one_forward = self.method.query_aware or n_prefix == 0 or n_suffix == 0
+        cache = EvictionCache(self.n_layers, reserve=(0 if one_forward else n_suffix) + steps)
+        with self.method.attach(self.model, cache) as session:
+            if one_forward:
+                cache.set_inputs(torch.cat([pos_pre, pos_suf], dim=1), torch.cat([pm, sm], dim=1))
+                with session.compressing(torch.cat([pm, torch.zeros_like(sm)], dim=1), reserve=steps):
+                    logits = self._forward(torch.cat([prefix, suffix], dim=1), cache.query_positions, cache)
+            else:
+                cache.set_inputs(pos_pre, pm)
+                with session.compressing(pm, reserve=n_suffix + steps):
+                    self._forward(prefix, pos_pre, cache)
+                cache.set_inputs(pos_suf, sm)
+                logits = self._forward(suffix, pos_suf, cache)
+        return cache, session, logits[:, -1], (len_pre + len_suf).view(-1, 1)
+
     def generate(self, prompt: Prompt, max_new_tokens: int, fixed_tokens: int = 0,
-                 return_logits: bool = False) -> Generation:
+                 return_logits: bool = False, prefill_rows: Optional[int] = None) -> Generation:
         """Greedy generation of a (left-padded) batch of prompts, one budget rule per row.
 
         The prediction of a row stops at EOS or ``max_new_tokens``; decoding goes on (EOS ignored) until at
-        least ``fixed_tokens`` tokens exist, for the fixed-length time per output token. On CUDA (with
-        ``measure.cuda_graph``) decode steps after the first two replay one captured graph.
+        least ``fixed_tokens`` tokens exist, for the fixed-length time per output token. ``prefill_rows``:
+        prefill (and compress) that many rows at a time, then decode all rows as one batch — the full cache
+        of only those rows ever exists at once. On CUDA (with ``measure.cuda_graph``) decode steps after the
+        first two replay one captured graph.
         """
         prefix, suffix = prompt.prefix_ids.to(self.device), prompt.suffix_ids.to(self.device)
         pm, sm = (m.to(self.device) for m in prompt.masks())
@@ -232,39 +257,31 @@ class LMRunner:
         fixed_tokens = max(0, int(fixed_tokens))
         steps = max(max_new_tokens, fixed_tokens)
         timer = Timer(self.device)
-        len_pre, len_suf = pm.sum(dim=1), sm.sum(dim=1)
-        pos_pre = (pm.cumsum(dim=1) - 1).clamp(min=0)
-        pos_suf = len_pre.unsqueeze(1) + (sm.cumsum(dim=1) - 1).clamp(min=0)
-        one_forward = self.method.query_aware or n_prefix == 0 or n_suffix == 0
-        cache = EvictionCache(self.n_layers, reserve=(0 if one_forward else n_suffix) + steps)
         logits_seen: Optional[list[torch.Tensor]] = [] if return_logits else None
         tokens = torch.zeros(batch, steps, dtype=torch.long, device=self.device)
+        group = max(1, int(prefill_rows or batch))
 
-        with torch.inference_mode(), self.method.attach(self.model, cache) as session:
+        with torch.inference_mode():
             timer.synchronize()
             t0 = timer.stamp()
-            if one_forward:
-                cache.set_inputs(torch.cat([pos_pre, pos_suf], dim=1), torch.cat([pm, sm], dim=1))
-                with session.compressing(torch.cat([pm, torch.zeros_like(sm)], dim=1), reserve=steps):
-                    logits = self._forward(torch.cat([prefix, suffix], dim=1), cache.query_positions, cache)
-                t_prefill = timer.stamp()
-            else:
-                cache.set_inputs(pos_pre, pm)
-                with session.compressing(pm, reserve=n_suffix + steps):
-                    self._forward(prefix, pos_pre, cache)
-                t_prefill = timer.stamp()
-                cache.set_inputs(pos_suf, sm)
-                logits = self._forward(suffix, pos_suf, cache)
-            logits = logits[:, -1]
+            parts = [self._prefill(prefix[i:i + group], suffix[i:i + group], pm[i:i + group], sm[i:i + group],
+                                   steps) for i in range(0, batch, group)]
+            t_prefill = timer.stamp()
+            cache = parts[0][0] if len(parts) == 1 else EvictionCache.merge([x[0] for x in parts])
+            logits = torch.cat([x[2] for x in parts])
+            first_pos = torch.cat([x[3] for x in parts])
             tok = logits.argmax(dim=-1)
             tokens[:, 0] = tok
             stamps = [timer.stamp()]
             if logits_seen is not None:
                 logits_seen.append(logits.float().clone())
             kv_start, kv_used_start, len_start = cache.nbytes(), cache.used_bytes(), cache.lengths()
+            sessions = [x[1] for x in parts]
+            del parts, logits  # the merged cache holds everything now
 
+        with torch.inference_mode(), self.method.attach(self.model, cache) as session:
+            session.adopt(sessions)
             # static decode inputs: the graph (if any) reads these tensors, updated in place
-            first_pos = (len_pre + len_suf).view(batch, 1)
             tok_in = tok.view(batch, 1).clone()
             pos_in = first_pos.clone()
             cache.query_positions, cache.query_valid = pos_in, torch.ones_like(pos_in, dtype=torch.bool)
@@ -293,7 +310,7 @@ class LMRunner:
                     stamps.append(timer.stamp())
                     if logits_seen is not None:
                         logits_seen.append(step_logits.float().clone())
-                    if stop_n is None and n >= fixed_tokens and (n % 8 == 0 or n >= max_new_tokens or n == fixed_tokens):
+                    if stop_n is None and n >= fixed_tokens and (n % 8 == 0 or n in (max_new_tokens, fixed_tokens)):
                         stop_n = self._stop(tokens[:, :n], max_new_tokens)  # a host sync, every 8 steps
             timer.synchronize()
             compression = session.stats()

@@ -288,7 +288,7 @@ def test_unsupported_phase_and_bad_n_sink() -> None:
     with pytest.raises(TokenbenchError, match="unsupported phase 'decode'"):
         _PrefillOnly(phase="decode")
     with pytest.raises(TokenbenchError, match="n_sink"):
-        METHODS.get("streaming_llm").cls(n_sink=-1)
+        METHODS.get("streaming_llm", "kv").cls(n_sink=-1)
     with pytest.raises(TokenbenchError, match="takes no budget"):
         NoneKV(keep_ratio=0.5)  # the baseline has no budget
     with pytest.raises(TokenbenchError, match="takes no budget"):
@@ -296,13 +296,13 @@ def test_unsupported_phase_and_bad_n_sink() -> None:
 
 
 def test_nominal_budget_and_noop() -> None:
-    sl = METHODS.get("streaming_llm").cls(keep_ratio=0.25)
+    sl = METHODS.get("streaming_llm", "kv").cls(keep_ratio=0.25)
     assert sl.nominal_budget() == {"keep_ratio": 0.25, "n_keep": None, "phase": "prefill"}
-    assert not sl.is_noop() and METHODS.get("streaming_llm").cls().is_noop()
-    assert not METHODS.get("random").cls(n_keep=1000).is_noop()
+    assert not sl.is_noop() and METHODS.get("streaming_llm", "kv").cls().is_noop()
+    assert not METHODS.get("random", "kv").cls(n_keep=1000).is_noop()
     assert sl.budget(10) == 2 and sl.budget(3) == 1 and sl.budget(0) == 0
-    assert METHODS.get("random").cls(keep_ratio=0.3).budget(10) == 3  # no float round-up
-    assert METHODS.get("random").cls(n_keep=50).budget(10) == 10
+    assert METHODS.get("random", "kv").cls(keep_ratio=0.3).budget(10) == 3  # no float round-up
+    assert METHODS.get("random", "kv").cls(n_keep=50).budget(10) == 10
 
 
 # --- method specific ------------------------------------------------------------------------------------
@@ -410,7 +410,7 @@ def test_generation_after_eviction_uses_true_positions(loaded, loaded_sdpa, meth
     This pins the transformers 5.x behaviour the runner relies on (mask from cache length, RoPE from ids)."""
     n_new = 5
     kw = {"query_aware": query_aware}
-    m = NoneKV(**kw) if method == "none" else METHODS.get("streaming_llm").cls(n_keep=12, n_sink=4, **kw)
+    m = NoneKV(**kw) if method == "none" else METHODS.get("streaming_llm", "kv").cls(n_keep=12, n_sink=4, **kw)
     p = prompt(9)
     out = gen(loaded if attn == "eager" else loaded_sdpa, m, p, n=n_new)
     kept = set(range(P)) if method == "none" else set(range(4)) | set(range(P - 8, P))
@@ -436,7 +436,7 @@ def test_generation_after_eviction_uses_true_positions(loaded, loaded_sdpa, meth
 def test_runner_run_records_everything(loaded, use_template) -> None:
     context = "The grass is green. The sky is blue. " * 6
     sample = Sample(id="s", context=context, question=" What color is the sky?", max_new_tokens=5)
-    m = METHODS.get("streaming_llm").cls(keep_ratio=0.5)
+    m = METHODS.get("streaming_llm", "kv").cls(keep_ratio=0.5)
     runner = LMRunner(loaded, m, MeasureSettings(warmup=1, repeats=2, fixed_output_tokens=8))
     pr = runner.build_prompt(sample, use_chat_template=use_template)
     prefix_text = loaded.tokenizer.decode(pr.prefix_ids[0])
@@ -484,3 +484,19 @@ def test_runner_rejects_other_families(loaded) -> None:
 
     with pytest.raises(TokenbenchError, match="kv-family"):
         LMRunner(loaded, Prompty(), MeasureSettings())
+
+
+@pytest.mark.parametrize("cls", CONFIGURABLE, ids=CIDS)
+def test_prefill_in_row_groups_equals_one_batch(loaded, cls) -> None:
+    """prefill_rows=1: rows prefilled and compressed one at a time, then decoded together — same tokens and
+    logits as the one-batch prefill, with decode state merged into one cache."""
+    m = make(cls, keep_ratio=0.5)
+    p = Prompt.batch(ragged(14, [40, 26, 33], [6, 6, 4]))
+    runner = LMRunner(loaded, m, MeasureSettings(warmup=0))
+    whole = runner.generate(p, 6, 6, return_logits=True)
+    rows = runner.generate(p, 6, 6, return_logits=True, prefill_rows=1)
+    assert torch.equal(whole.tokens, rows.tokens)
+    for a, b in zip(whole.logits, rows.logits):
+        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert rows.compression["kept_tokens"] == whole.compression["kept_tokens"]
+    assert rows.compression["achieved_keep_ratio"] == pytest.approx(whole.compression["achieved_keep_ratio"])

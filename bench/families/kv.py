@@ -324,6 +324,13 @@ class KVSession:
             kv_attention._ACTIVE.remove(self)
         self.model.config._attn_implementation = self._saved_impl
 
+    def adopt(self, parts: list[KVSession]) -> None:
+        """Take over what the prefill sessions of these rows (in order) measured: decoding continues here."""
+        self.segment_lens = [n for p in parts for n in (p.segment_lens or [])]
+        self.kept = {i: torch.cat([p.kept[i] for p in parts]) for i in parts[0].kept}
+        self.prefill_evictions = max(p.prefill_evictions for p in parts)
+        self._steps = dict(parts[0]._steps)
+
     # --- marking forwards ----------------------------------------------------------------------------
 
     @contextmanager
