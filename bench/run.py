@@ -6,6 +6,7 @@ loading a model or writing a file; ``execute`` does the work.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import statistics
 from dataclasses import dataclass
@@ -23,7 +24,7 @@ from tokenbench.results import ResultRecord, SampleLog, read_result, run_key, wr
 log = logging.getLogger(__name__)
 
 # Which runner drives a model for each method family (module:attribute, imported lazily).
-RUNNERS = {"kv": "tokenbench.lm:LMRunner"}
+RUNNERS = {"kv": "tokenbench.lm:LMRunner", "vit": "tokenbench.vision:VisionRunner"}
 
 
 class RunFailed(Exception):
@@ -207,7 +208,7 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
     done = {r.get("sample_id") for r in sample_log.read()}
     started = _now()
     status, error, weights_bytes, device, n_expected = "ok", None, None, "cpu", 0
-    loaded, load_s, reused = None, None, False
+    loaded, load_s, reused, runner = None, None, False, None
     try:
         loaded, load_s, reused = load_model(p)
         weights_bytes, device = loaded.weights_bytes, loaded.device
@@ -221,19 +222,14 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
             log.info("resuming run %s after %d recorded samples", p.key, len(samples) - len(todo))
         runner = make_runner(p.family, loaded, p.method, p.cfg.measure)
         use_template = getattr(p.task, "chat_template", True)
-        bar = tqdm(todo, desc=f"{task_name} × {method_name} × {model_name}", unit="sample",
-                   disable=not progress, dynamic_ncols=True)
-        for idx, sample in bar:
-            # a sample may say whether it takes the chat template (LongBench's per-task rule)
-            template = sample.meta.get("chat_template")
-            out = runner.run(sample, use_chat_template=use_template if template is None else bool(template))
-            metrics = p.task.score(sample, out.text)
-            sample_log.append({
+
+        def row(idx: int, sample: Any, out: Any) -> dict[str, Any]:
+            return {
                 "sample_id": sample.id,
                 "idx": idx,
                 "prediction": out.text,
                 "answer": sample.answer,
-                "metrics": metrics,
+                "metrics": p.task.score(sample, out.text),
                 "latency": out.latency,
                 "memory": out.memory,
                 "compression": out.compression,
@@ -241,7 +237,26 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
                 "n_context_tokens": out.n_context_tokens,
                 "n_generated": out.n_generated,
                 "meta": {**sample.meta, "model": model_name, "method": method_name},
-            })
+            }
+
+        bar = tqdm(todo, desc=f"{task_name} × {method_name} × {model_name}", unit="sample",
+                   disable=not progress, dynamic_ncols=True)
+        if hasattr(runner, "run_batches"):
+            # Batched runners take the samples in chunks of the task's batch size and yield one chunk's
+            # outputs at a time (they may run the next chunk while this loop records the previous one).
+            size = max(1, int(getattr(p.task, "batch_size", 1) or 1))
+            chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
+            with contextlib.closing(runner.run_batches(p.task, [[s for _, s in c] for c in chunks])) as stream:
+                for chunk, outs in zip(chunks, stream):
+                    sample_log.extend([row(idx, sample, out) for (idx, sample), out in zip(chunk, outs)])
+                    bar.update(len(chunk))
+            bar.close()
+        else:
+            for idx, sample in bar:
+                # a sample may say whether it takes the chat template (LongBench's per-task rule)
+                template = sample.meta.get("chat_template")
+                chat = use_template if template is None else bool(template)
+                sample_log.append(row(idx, sample, runner.run(sample, use_chat_template=chat)))
     except Exception as exc:  # the record must say what happened; KeyboardInterrupt/kill leave a resumable run
         import torch
 
@@ -274,7 +289,7 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
         metrics=metrics,
         latency=summarize_latency(rows),
         memory=summarize_memory(rows, weights_bytes),
-        flops=None,
+        flops=getattr(runner, "flops", None),  # a runner that counts them: forward FLOPs per sample
         n_samples=len(rows),
         n_samples_expected=n_expected,
         env=environment(device),
@@ -284,7 +299,8 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
         extra={"artifacts": [str(a) for a in artifacts], "resumed_with": len(done),
                "model_load_s": load_s, "model_reused": reused,
                "model_source": getattr(loaded, "source", None),
-               "query_aware": getattr(p.method, "query_aware", None)},
+               "query_aware": getattr(p.method, "query_aware", None),
+               **(runner.summary() if hasattr(runner, "summary") else {})},
     )
     write_json_atomic(p.run_dir / "result.json", record.to_dict())
 
