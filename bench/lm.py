@@ -23,7 +23,9 @@ Timing (milliseconds, CUDA events on GPU, ``perf_counter`` on CPU):
 - ``prefill_ms``: the compressed prefill forward, including the method's scoring and eviction;
 - ``ttft_ms``: start of the prefill to the first token (query-agnostic: prefill + question forward);
 - ``tpot_ms``: mean time per decode step over ``measure.fixed_output_tokens`` tokens, EOS ignored (decoding
-  continues past the prediction's natural end until that many tokens exist);
+  continues past the prediction's natural end until that many tokens exist); with at least 8 such steps the
+  first three (eager steps, a decode-phase bulk eviction, the CUDA-graph capture) are left out and reported
+  as ``decode_setup_ms`` — TPOT is the steady-state step;
 - ``e2e_ms``: start to the prediction's natural end (EOS or ``sample.max_new_tokens``).
 
 With ``measure.repeats > 1`` each key is the median over the repeats and ``<key>_spread`` is max - min.
@@ -155,6 +157,9 @@ def _context_end(text: str, context: str, question: str) -> int:
         return i + len(stripped)
     raise TokenbenchError("the chat template altered the context text; cannot find where it ends "
                           "(run the task without the chat template)")
+
+
+_SETUP_STEPS = 3  # decode steps before the captured graph replays (see ``generate``)
 
 
 class LMRunner:
@@ -321,12 +326,15 @@ class LMRunner:
         stop_n = max(lengths)
         ttft = timer.elapsed_ms(t0, stamps[0])
         tpot_n = min(n, fixed_tokens) if fixed_tokens >= 2 else stop_n
-        tpot = timer.elapsed_ms(stamps[0], stamps[tpot_n - 1]) / (tpot_n - 1) if tpot_n >= 2 else None
+        # steady state: with enough steps, skip the first three (eager steps, bulk eviction, graph capture)
+        k0 = _SETUP_STEPS if tpot_n >= 2 * _SETUP_STEPS + 2 else 0
+        tpot = timer.elapsed_ms(stamps[k0], stamps[tpot_n - 1]) / (tpot_n - 1 - k0) if tpot_n >= 2 else None
         latency = {
             "prefill_ms": timer.elapsed_ms(t0, t_prefill),
             "ttft_ms": ttft,
             "tpot_ms": tpot,
             "e2e_ms": timer.elapsed_ms(t0, stamps[stop_n - 1]),
+            "decode_setup_ms": timer.elapsed_ms(stamps[0], stamps[k0]) if k0 else None,
         }
         compression["decode_graph"] = bool(self._use_graph() and n > 3)
         compression["kv_cache_bytes_used"] = kv_used_start
