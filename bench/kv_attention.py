@@ -25,6 +25,9 @@ import torch.nn.functional as F
 NAME = "tokenbench_kv"
 _ACTIVE: list[Any] = []  # the attached KVSession (a stack: sessions do not nest, but a failure must unwind)
 _registered = False
+# Decode steps of methods that need no attention weights: "matmul" (explicit, GQA-packed) or "sdpa" (fused,
+# masked). The benchmark measures both; "matmul" is the default until measurements say otherwise.
+DECODE_BACKEND = "matmul"
 
 
 def register() -> None:
@@ -74,6 +77,16 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.view(b, hq, q, value.shape[-1]), probs.view(b, hq, q, -1)
 
 
+def decode_attention_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,
+                          scaling: float) -> torch.Tensor:
+    """The same decode attention through SDPA with a boolean mask (GQA-packed), when no weights are needed."""
+    b, hq, q, d = query.shape
+    hk = key.shape[1]
+    qg = query.reshape(b, hk, (hq // hk) * q, d)
+    out = F.scaled_dot_product_attention(qg, key, value, attn_mask=kvalid[:, :, None, :], scale=scaling)
+    return out.view(b, hq, q, value.shape[-1])
+
+
 def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, value: torch.Tensor,
               attention_mask: Optional[torch.Tensor], dropout: float = 0.0, scaling: Optional[float] = None,
               **kwargs: Any) -> tuple[torch.Tensor, None]:
@@ -85,7 +98,10 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     kvalid, kpos = layer.views()
     weights = None
     if query.shape[2] == 1 and layer.slot is not None:
-        out, weights = decode_attention(query, key, value, kvalid, scale)
+        if session.needs_decode_weights or DECODE_BACKEND == "matmul":
+            out, weights = decode_attention(query, key, value, kvalid, scale)
+        else:  # fused SDPA over the masked slots; no weights needed
+            out = decode_attention_sdpa(query, key, value, kvalid, scale)
     else:
         fresh = layer.fill == query.shape[2] and session.cache.unpadded
         kvalid_m, kpos_m = (kvalid[:, :1], kpos[:, :1]) if layer.uniform_heads else (kvalid, kpos)

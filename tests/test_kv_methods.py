@@ -500,3 +500,18 @@ def test_prefill_in_row_groups_equals_one_batch(loaded, cls) -> None:
         torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
     assert rows.compression["kept_tokens"] == whole.compression["kept_tokens"]
     assert rows.compression["achieved_keep_ratio"] == pytest.approx(whole.compression["achieved_keep_ratio"])
+
+
+@pytest.mark.parametrize("name", ["none", "streaming_llm"])
+def test_sdpa_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
+    """The fused SDPA decode path (used where no weights are needed) gives the explicit path's outputs."""
+    from tokenbench import kv_attention
+
+    m = NoneKV() if name == "none" else METHODS.get(name, "kv").cls(keep_ratio=0.5)
+    p = Prompt.batch(ragged(15, [40, 27], [6, 6]))
+    ref = gen(loaded, m, p)
+    monkeypatch.setattr(kv_attention, "DECODE_BACKEND", "sdpa")
+    out = gen(loaded, m, p)
+    assert torch.equal(out.tokens, ref.tokens)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

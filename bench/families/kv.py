@@ -76,6 +76,9 @@ class ScoreContext:
     rotary: Any = field(default=None, repr=False)  # the model's rotary embedding module, if any
     attn_weights: Optional[torch.Tensor] = field(default=None, repr=False)  # decode: (B, Hq, 1, C) float32
     step: int = 0  # evictions this layer had before in this session (frozen inside a captured graph)
+    # what this eviction compares, for methods whose rule depends on it (e.g. a recent window of the budget):
+    candidates: Optional[torch.Tensor] = field(default=None, repr=False)  # (B, H, C) bool; None: all valid
+    budget: Optional[torch.Tensor] = None  # (B, 1) int64: candidate slots each row/head keeps; None: unknown
 
     @property
     def groups(self) -> int:
@@ -126,7 +129,8 @@ class ScoreContext:
                   positions: Optional[torch.Tensor] = None, valid: Optional[torch.Tensor] = None,
                   query_positions: Optional[torch.Tensor] = None, phase: str = "prefill",
                   attn_weights: Optional[torch.Tensor] = None, layer_idx: int = 0, n_layers: int = 1,
-                  scaling: Optional[float] = None, step: int = 0) -> ScoreContext:
+                  scaling: Optional[float] = None, step: int = 0, candidates: Optional[torch.Tensor] = None,
+                  budget: Optional[torch.Tensor | int] = None) -> ScoreContext:
         """A context from hand-built tensors (tests of a method's idea, no model). Defaults: every slot
         live, slot ``i`` at position ``i``, the queries the last ``q`` positions."""
         b, h, c, d = keys.shape
@@ -142,7 +146,17 @@ class ScoreContext:
                    positions=positions, queries=queries, query_positions=qpos,
                    query_valid=torch.ones(b, q, dtype=torch.bool, device=dev),
                    scaling=scaling if scaling is not None else d ** -0.5, layer=layer,
-                   attn_weights=attn_weights, step=step)
+                   attn_weights=attn_weights, step=step, candidates=candidates,
+                   budget=torch.full((b, 1), budget, device=dev) if isinstance(budget, int) else budget)
+
+    def recent(self, n: torch.Tensor | int) -> torch.Tensor:
+        """``(B, H, C)`` bool: the candidate slots among the last ``n`` positions of the candidates (``n``: an
+        int or a ``(B, 1)`` tensor). Positions are contiguous, so these are the ``n`` newest candidates unless
+        some of them were evicted before. On the device, no sync."""
+        cand = self.valid if self.candidates is None else self.candidates
+        newest = self.positions.masked_fill(~cand, -1).amax(dim=-1, keepdim=True)  # (B, H, 1)
+        n = torch.as_tensor(n, device=newest.device).view(-1, 1, 1) if not isinstance(n, int) else n
+        return cand & (self.positions > newest - n)
 
     def state(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """A per-slot tensor ``(B, H, C)`` that persists across forwards of this session (e.g. accumulated
@@ -158,6 +172,16 @@ class ScoreContext:
         if self.rotary is None:
             raise TokenbenchError("this model has no rotary embedding module")
         return self.rotary(self.keys[:, 0, :1], positions)
+
+    def keep_first(self, scores: torch.Tensor, mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+        """``scores`` ``(B, H, C)`` with the slots in ``mask`` raised above every live slot of their row (all
+        heads, so also under Ada-KV allocation): any budget takes them first, the higher ``order`` first
+        (e.g. a window, ``order=positions``; sinks, ``order=-positions``). Distinct values, so no ties."""
+        s = scores.float()
+        top = s.masked_fill(~self.valid | mask, 0).abs().amax(dim=(1, 2), keepdim=True) + 1
+        rank = order.float().masked_fill(~mask, float("-inf")).argsort(dim=-1).argsort(dim=-1)
+        rank = rank - (~mask).sum(dim=-1, keepdim=True)  # 0 for the lowest ``order`` among ``mask``
+        return torch.where(mask, top + rank.float(), s)
 
 
 @dataclass
@@ -310,6 +334,11 @@ class KVSession:
         self.decode_caps: Optional[list[int]] = None
         self.prefill_evictions = 0
 
+    @property
+    def needs_decode_weights(self) -> bool:
+        """Decode steps must produce attention weights (the method scores with them while decoding)."""
+        return self._mode == "decode" and self.method.evicts_at_decode
+
     # --- install / remove ----------------------------------------------------------------------------
 
     def install(self) -> None:
@@ -377,14 +406,17 @@ class KVSession:
     # --- called by the attention function ------------------------------------------------------------
 
     def _context(self, module: torch.nn.Module, layer: EvictionLayer, query: torch.Tensor,
-                 weights: Optional[torch.Tensor], scale: float, phase: str) -> ScoreContext:
+                 weights: Optional[torch.Tensor], scale: float, phase: str,
+                 candidates: Optional[torch.Tensor] = None,
+                 budget: Optional[torch.Tensor] = None) -> ScoreContext:
         n = layer.attend_len
         return ScoreContext(
             module=module, layer_idx=layer.layer_idx, n_layers=self.n_layers, phase=phase,
             keys=layer.keys[:, :, :n], values=layer.values[:, :, :n], valid=layer.valid[:, :, :n],
             positions=layer.pos[:, :, :n], queries=query, query_positions=self.cache.query_positions,
             query_valid=self.cache.query_valid, scaling=scale, layer=layer, rotary=self.rotary,
-            attn_weights=weights, step=self._steps.get(layer.layer_idx, 0))
+            attn_weights=weights, step=self._steps.get(layer.layer_idx, 0), candidates=candidates,
+            budget=budget)
 
     def _scores(self, ctx: ScoreContext) -> torch.Tensor:
         scores = self.method.score(ctx)
@@ -402,8 +434,8 @@ class KVSession:
         elif self._mode == "decode":
             if self.method.evicts_at_decode:
                 self._after_decode_step(module, layer, query, weights, scale)
-            else:  # the next token goes to the first free slot
-                layer.slot.copy_((~layer.valid).to(torch.uint8).argmax(dim=-1))
+            else:  # without eviction decode tokens fill [fill, capacity) in order: the next slot is free
+                layer.slot.add_(1)
 
     def _after_prefill(self, module, layer, query, weights, scale) -> None:
         q = query.shape[2]
@@ -415,7 +447,8 @@ class KVSession:
         idx = layer.layer_idx
         budgets = [self.method.layer_budget(self.method.budget(s), s, idx, self.n_layers) for s in seg]
         if self.method.evicts_at_prefill and any(k < s for k, s in zip(budgets, seg)):
-            ctx = self._context(module, layer, query, weights, scale, "prefill")
+            ctx = self._context(module, layer, query, weights, scale, "prefill", candidates=evictable,
+                                budget=torch.tensor(budgets, device=evictable.device).view(-1, 1))
             scores = self._scores(ctx)
             self.kept[idx] = self._select(layer, scores, evictable, budgets, self._reserve)
             self.prefill_evictions += 1
@@ -465,7 +498,7 @@ class KVSession:
 
     def _after_decode_step(self, module, layer, query, weights, scale) -> None:
         idx = layer.layer_idx
-        ctx = self._context(module, layer, query, weights, scale, "decode")
+        ctx = self._context(module, layer, query, weights, scale, "decode", budget=self._decode_cap)
         scores = self._scores(ctx)
         cap = self._decode_cap
         if idx not in self._bulk_done:  # first step: the cache may be far over capacity; one bulk eviction

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
+from tokenbench import kv_attention
 from tokenbench.config import MeasureSettings
 from tokenbench.env import environment
 from tokenbench.kv_cache import EvictionCache
@@ -164,15 +165,17 @@ def max_batch(loaded: LoadedModel, name: str, keep: float, ctx: int, question: i
 
 
 def markdown(rows: list[dict[str, Any]]) -> str:
-    lines = ["| ctx | batch | method | keep | prefill ms | TTFT ms | TPOT ms | decode tok/s | × none | "
+    lines = ["| ctx | batch | method | keep | decode attn | prefill ms | TTFT ms | TPOT ms | decode tok/s | × none | "
              "BW % peak | KV alloc GB | peak alloc GB |",
-             "|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["context"], r["batch"]): r for r in rows if r["method"] == "none"}
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
+    base = {(r["context"], r["batch"], r.get("decode_backend")): r for r in rows if r["method"] == "none"}
     for r in rows:
-        b = base.get((r["context"], r["batch"]))
+        b = base.get((r["context"], r["batch"], r.get("decode_backend"))) or base.get(
+            (r["context"], r["batch"], "matmul"))
         speed = r["decode_tokens_per_s"] / b["decode_tokens_per_s"] if b else float("nan")
         gb = lambda x: f"{x / 1e9:.2f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
         lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['keep_ratio'] or 1.0} | "
+                     f"{r.get('decode_backend')} | "
                      f"{r['prefill_ms']:.0f} | {r['ttft_ms']:.0f} | {r['tpot_ms']:.2f} | "
                      f"{r['decode_tokens_per_s']:.0f} | {speed:.2f} | {100 * r['decode_bw_frac']:.0f} | "
                      f"{gb(r['kv_cache_bytes'])} | {gb(r.get('peak_allocated'))} |")
@@ -190,6 +193,8 @@ def main() -> None:
     ap.add_argument("--question", type=int, default=32, help="question tokens after the compressed context")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch at the longest "
                                                              "context")
+    ap.add_argument("--decode-backends", nargs="+", default=["matmul"], choices=["matmul", "sdpa"],
+                    help="decode attention for methods that need no weights (each measured)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     load_all()
@@ -203,16 +208,23 @@ def main() -> None:
                               copy_bandwidth(device), "weights_bytes": loaded.weights_bytes,
                               "env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
                               "rows": [], "errors": []}
-    one(loaded, "none", 1.0, min(args.contexts), 1, 16, args.question, peak_bw)  # warm-up: kernels, cuBLAS
+    for name in names:  # warm-up: every method's kernels once (cuBLAS, topk, ...), untimed
+        one(loaded, name, 0.5, 512, 2, 16, args.question, peak_bw)
     for ctx in args.contexts:
         for batch in args.batches:
-            for name in names:
-                for keep in ([1.0] if name == "none" else args.keeps):
+            for name, keep, backend in [(n, k, bk) for n in names for k in ([1.0] if n == "none" else args.keeps)
+                                        for bk in args.decode_backends]:
+                if backend != "matmul" and make_method(name, keep).evicts_at_decode:
+                    continue  # decode-time eviction always uses the weights of the explicit path
+                kv_attention.DECODE_BACKEND = backend
+                if True:
                     t = time.perf_counter()
                     try:
                         row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
+                        row["decode_backend"] = backend
                         result["rows"].append(row)
-                        print(f"ctx={ctx} b={batch} {name} keep={keep}: prefill {row['prefill_ms']:.0f} ms, "
+                        print(f"ctx={ctx} b={batch} {name} keep={keep} {backend}: "
+                              f"prefill {row['prefill_ms']:.0f} ms, "
                               f"TPOT {row['tpot_ms']:.2f} ms, BW {100 * row['decode_bw_frac']:.0f}% "
                               f"({time.perf_counter() - t:.1f} s)", flush=True)
                     except Exception as exc:  # record and go on: one method's failure must not cost the rest
