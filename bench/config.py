@@ -17,6 +17,7 @@ class MeasureSettings:
     repeats: int = 1  # timed repeats per sample; the median is recorded, the spread next to it
     fixed_output_tokens: int = 16  # time per output token is measured over this many decode steps, EOS ignored
     cuda_graph: bool = True  # on CUDA, replay decode steps from a captured CUDA graph (static-shape cache)
+    fuse_kernels: bool = False  # torch.compile the decoder's elementwise glue (RMSNorm, RoPE, MLP activation)
 
 
 @dataclass

@@ -182,6 +182,10 @@ class LMRunner:
         self._eos = torch.tensor(self.eos_ids or [-1], device=self.device, dtype=torch.long)
         self._warmed = False
         self.n_layers = len(attention_modules(self.model))
+        if getattr(self.measure, "fuse_kernels", False):
+            from tokenbench.fused_decode import fuse
+
+            self.fused = fuse(self.model)
         # transformers >= 5.24 names the argument ``cache`` (``past_key_values`` is deprecated)
         self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
 

@@ -515,3 +515,19 @@ def test_sdpa_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
     assert torch.equal(out.tokens, ref.tokens)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_fused_kernels_keep_the_numerics(loaded_sdpa) -> None:
+    """measure.fuse_kernels (compiled RMSNorm/RoPE/MLP glue) leaves tokens and logits as they were."""
+    import copy
+
+    m = METHODS.get("streaming_llm", "kv").cls(keep_ratio=0.5)
+    p = Prompt.batch(ragged(16, [40, 30], [6, 6]))
+    ref = gen(loaded_sdpa, m, p)
+    fused_lm = copy.deepcopy(loaded_sdpa)
+    runner = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True))
+    assert runner.fused["rms_norm"] == 5 and runner.fused["mlp"] == 2  # 2 layers x 2 norms + final; 2 MLPs
+    out = runner.generate(p, 6, 6, return_logits=True)
+    assert torch.equal(out.tokens, ref.tokens)
+    for a, b in zip(out.logits, ref.logits):
+        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)

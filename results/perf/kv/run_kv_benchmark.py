@@ -31,6 +31,7 @@ from tokenbench.models.base import LoadedModel
 from tokenbench.models.tiny import tiny_tokenizer
 from tokenbench.registry import METHODS, load_all
 
+FUSE = False  # --fuse: torch.compile the decoder's elementwise glue (tokenbench.fused_decode)
 PEAK_HBM_TBPS = {"H100": 3.35, "H200": 4.8, "A100": 2.0}  # vendor peak memory bandwidth, TB/s
 
 
@@ -99,7 +100,7 @@ def one(loaded: LoadedModel, name: str, keep: float, ctx: int, batch: int, new: 
     g = torch.Generator().manual_seed(ctx + batch)
     ids = torch.randint(10, loaded.model.config.vocab_size - 10, (batch, ctx + question), generator=g)
     prompt = Prompt(ids[:, :ctx], ids[:, ctx:])
-    runner = LMRunner(loaded, make_method(name, keep), MeasureSettings(warmup=0, cuda_graph=True))
+    runner = LMRunner(loaded, make_method(name, keep), MeasureSettings(warmup=0, cuda_graph=True, fuse_kernels=FUSE))
     dev = loaded.device
     if dev != "cpu":
         torch.cuda.empty_cache()
@@ -195,8 +196,11 @@ def main() -> None:
                                                              "context")
     ap.add_argument("--decode-backends", nargs="+", default=["matmul"], choices=["matmul", "sdpa"],
                     help="decode attention for methods that need no weights (each measured)")
+    ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels: compiled RMSNorm/RoPE/MLP glue")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    global FUSE
+    FUSE = args.fuse
     load_all()
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     loaded = load(args.tiny, device)
