@@ -73,6 +73,14 @@ def _jsonable(obj: Any) -> Any:
     return obj
 
 
+def _json_line(row: dict[str, Any]) -> str:
+    """One JSON line; the common case (no NaN/inf anywhere) skips the recursive copy of ``_jsonable``."""
+    try:
+        return json.dumps(row, allow_nan=False) + "\n"
+    except ValueError:
+        return json.dumps(_jsonable(row)) + "\n"
+
+
 def write_json_atomic(path: Path, data: Any) -> None:
     """Write JSON so readers see the old file or the new one, never half of one."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -125,7 +133,7 @@ class SampleLog:
                 f.seek(-1, os.SEEK_END)
                 if f.read(1) != b"\n":
                     f.write(b"\n")
-            f.write("".join(json.dumps(_jsonable(row)) + "\n" for row in rows).encode())
+            f.write("".join(_json_line(row) for row in rows).encode())
             f.flush()
             os.fsync(f.fileno())
 

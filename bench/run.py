@@ -241,22 +241,24 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
 
         bar = tqdm(todo, desc=f"{task_name} × {method_name} × {model_name}", unit="sample",
                    disable=not progress, dynamic_ncols=True)
-        if hasattr(runner, "run_batches"):
+        run_one = getattr(p.task, "run_sample", None)  # a task that drives the runner itself (lm_eval)
+        if hasattr(runner, "run_batches") and run_one is None:
             # Batched runners take the samples in chunks of the task's batch size and yield one chunk's
             # outputs at a time (they may run the next chunk while this loop records the previous one).
             size = max(1, int(getattr(p.task, "batch_size", 1) or 1))
             chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
             with contextlib.closing(runner.run_batches(p.task, [[s for _, s in c] for c in chunks])) as stream:
-                for chunk, outs in zip(chunks, stream):
-                    sample_log.extend([row(idx, sample, out) for (idx, sample), out in zip(chunk, outs)])
-                    bar.update(len(chunk))
+                for i, outs in enumerate(stream):  # the stream ends itself (its closing work runs)
+                    sample_log.extend([row(idx, sample, out) for (idx, sample), out in zip(chunks[i], outs)])
+                    bar.update(len(chunks[i]))
             bar.close()
         else:
             for idx, sample in bar:
                 # a sample may say whether it takes the chat template (LongBench's per-task rule)
                 template = sample.meta.get("chat_template")
                 chat = use_template if template is None else bool(template)
-                sample_log.append(row(idx, sample, runner.run(sample, use_chat_template=chat)))
+                out = run_one(runner, sample, chat) if run_one else runner.run(sample, use_chat_template=chat)
+                sample_log.append(row(idx, sample, out))
     except Exception as exc:  # the record must say what happened; KeyboardInterrupt/kill leave a resumable run
         import torch
 

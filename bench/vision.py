@@ -14,7 +14,7 @@ and keeps the GPU busy while the caller scores and records the previous chunk:
   ``perf_counter`` on a CPU. Each chunk size gets ``measure.warmup`` untimed forwards first (at least one
   under ``torch.compile`` or CUDA graphs, so compilation and capture stay out of the numbers);
   ``measure.repeats`` timed forwards per chunk give the median and spread;
-- memory: one dedicated forward of the first chunk after warm-up, peak above the level at its start
+- memory: one dedicated eager forward of the first chunk after warm-up, peak above the level at its start
   (``tokenbench.measure.peak_memory``); every row of the run carries that figure;
 - FLOPs: ``torch.utils.flop_counter.FlopCounterMode`` over one image, once per run, with the method attached
   (``flops`` is per image; merging itself is gathers and scatters, which the counter does not count);
@@ -201,8 +201,11 @@ class VisionRunner:
         cfg = loaded.info.get("data_config") or {}
         mean, std = cfg.get("mean", (0.485, 0.456, 0.406)), cfg.get("std", (0.229, 0.224, 0.225))
         self.in_dtype = getattr(torch, self.amp) if self.amp else next(self.model.parameters()).dtype
-        self._mean = (torch.tensor(mean, dtype=torch.float32) * 255).view(1, -1, 1, 1).to(self.device)
-        self._std = (torch.tensor(std, dtype=torch.float32) * 255).view(1, -1, 1, 1).to(self.device)
+        # (x / 255 - mean) / std = x * scale + shift, one fused multiply-add on the device
+        scale = 1.0 / (255.0 * torch.tensor(std, dtype=torch.float64))
+        shift = -torch.tensor(mean, dtype=torch.float64) / torch.tensor(std, dtype=torch.float64)
+        self._scale = scale.view(1, -1, 1, 1).to(self.device, self.in_dtype)
+        self._shift = shift.view(1, -1, 1, 1).to(self.device, self.in_dtype)
         self.flops: Optional[int] = None  # per image, counted once per run
         self._summary: dict[str, Any] = {}
 
@@ -210,7 +213,7 @@ class VisionRunner:
 
     def normalize(self, images: torch.Tensor) -> torch.Tensor:
         """``uint8`` images on the device -> the model's input (mean/std from its data config)."""
-        return ((images.float() - self._mean) / self._std).to(self.in_dtype)
+        return torch.addcmul(self._shift, images.to(self.in_dtype), self._scale)
 
     def _timer(self):
         if self.device.type == "cuda":
@@ -303,8 +306,8 @@ class VisionRunner:
                 forward(x)
         with autocast(self.device, self.amp):
             self.flops = count_flops(self.model, first[:1])
-        with peak_memory(self.device) as mem:
-            forward(first)
+        with peak_memory(self.device) as mem, autocast(self.device, self.amp):
+            self.model(first)  # eager, so a captured graph's preallocated pool does not hide the activations
         self._memory = mem.as_dict()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
@@ -325,9 +328,9 @@ class VisionRunner:
             "batch_ms": ms, "images_per_s": n * 1e3 / ms if ms > 0 else None, "ms_per_image": ms / n}
         if len(times) > 1:
             latency["batch_ms_spread"] = max(times) - min(times)
-        preds = top_host.tolist()
-        return [VisionOutput(text=preds[j], latency=dict(latency), memory=dict(self._memory),
-                             compression=stats, n_context_tokens=self.n_tokens) for j in range(n)]
+        # the rows of a chunk share its measurement dicts (they are serialised, never mutated)
+        return [VisionOutput(text=pred, latency=latency, memory=self._memory, compression=stats,
+                             n_context_tokens=self.n_tokens) for pred in top_host.tolist()]
 
 
 class _CudaStamp:

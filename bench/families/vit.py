@@ -256,13 +256,18 @@ def apply_reduction(red: Reduction, x: torch.Tensor, size: Optional[torch.Tensor
         new_x, new_size = seed(x), seed(size)
     else:
         dst = red.dst.unsqueeze(-1)
-        new_size = seed(size).scatter_add_(1, dst, rows(size, red.src))
-        if red.weight is None:  # size-weighted mean over each slot's members
-            xs = x * size
-            new_x = seed(xs).scatter_add_(1, dst.expand(-1, -1, x.shape[-1]), rows(xs, red.src)) / new_size
+        seed_size = seed(size)
+        new_size = seed_size.clone().scatter_add_(1, dst, rows(size, red.src))
+        new_x = seed(x)
+        if red.weight is None:
+            # The size-weighted mean of each slot's members, sum(s_i x_i) / sum(s_i) (ToMe's merge_wavg), in
+            # two passes over the hidden states (gather, scale in place) rather than three (x * s, gather,
+            # divide): seeds are scaled by s_seed / s_slot, members added with weight s_i / s_slot.
+            new_x.mul_(seed_size / new_size)
+            weight = rows(size, red.src) / new_size.gather(1, dst)
         else:  # additive (EViT): slot + sum of weight * member
-            add = rows(x, red.src) * red.weight.unsqueeze(-1).to(x.dtype)
-            new_x = seed(x).scatter_add_(1, dst.expand(-1, -1, x.shape[-1]), add)
+            weight = red.weight.unsqueeze(-1).to(x.dtype)
+        new_x.scatter_add_(1, dst.expand(-1, -1, x.shape[-1]), rows(x, red.src) * weight)
     if source is not None:
         new_source = seed(source)
         if red.src is not None:
@@ -286,6 +291,7 @@ class VitSession:
         self.prop_attn = method.proportional_attention()
         self.installed = False
         self._aranges: dict[tuple[int, str], torch.Tensor] = {}
+        self._constants: dict[Any, torch.Tensor] = {}
         self._state: dict[str, Any] = {}  # per-method scratch (e.g. a random generator), kept across forwards
         # what the last (Python-executed) forward saw
         self.tokens_in: list[int] = []  # tokens entering each block
@@ -312,6 +318,12 @@ class VitSession:
         if key not in self._aranges:
             self._aranges[key] = torch.arange(n, device=device)
         return self._aranges[key]
+
+    def constant(self, key: Any, make: Any) -> torch.Tensor:
+        """A tensor that depends only on ``key`` (index patterns of a token count), made once per session."""
+        if key not in self._constants:
+            self._constants[key] = make()
+        return self._constants[key]
 
     def scratch(self) -> dict[str, Any]:
         """A dict a method may keep state in across forwards of this session (e.g. a seeded generator)."""

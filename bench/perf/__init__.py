@@ -1,0 +1,1 @@
+"""Performance scripts (GPU benchmarks) that write committed reference results."""
