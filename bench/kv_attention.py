@@ -77,6 +77,9 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     return out.view(b, hq, q, value.shape[-1]), probs.view(b, hq, q, -1)
 
 
+DECODE_IMPL = [decode_attention]  # tokenbench.fused_decode swaps in a compiled version
+
+
 def decode_attention_sdpa(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,
                           scaling: float) -> torch.Tensor:
     """The same decode attention through SDPA with a boolean mask (GQA-packed), when no weights are needed."""
@@ -99,7 +102,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     weights = None
     if query.shape[2] == 1 and layer.slot is not None:
         if session.needs_decode_weights or DECODE_BACKEND == "matmul":
-            out, weights = decode_attention(query, key, value, kvalid, scale)
+            out, weights = DECODE_IMPL[0](query, key, value, kvalid, scale)
         else:  # fused SDPA over the masked slots; no weights needed
             out = decode_attention_sdpa(query, key, value, kvalid, scale)
     else:

@@ -21,6 +21,7 @@ to come (``reserve``), so an eviction frees memory for real.
 
 from __future__ import annotations
 
+import weakref
 from typing import Any, Optional
 
 import torch
@@ -35,9 +36,10 @@ class EvictionLayer(CacheLayerMixin):
     is_sliding = False
     is_compileable = False
 
-    def __init__(self, cache: EvictionCache, layer_idx: int):
+    def __init__(self, cache: Optional[EvictionCache], layer_idx: int):
         super().__init__()
-        self.cache = cache
+        # a weak reference: cache <-> layers would be a cycle that holds GPU memory until Python's cycle GC
+        self._cache = weakref.ref(cache) if cache is not None else (lambda: None)
         self.layer_idx = layer_idx
         self.valid: Optional[torch.Tensor] = None
         self.pos: Optional[torch.Tensor] = None
@@ -46,6 +48,10 @@ class EvictionLayer(CacheLayerMixin):
         self.state: dict[str, torch.Tensor] = {}  # method state; (B, H, capacity, ...) tensors follow the slots
         self.last_written: Optional[torch.Tensor] = None  # (B, H, q) slot indices of the last forward's tokens
         self.uniform_heads = True  # every KV head holds the same slots (until a per-head eviction)
+
+    @property
+    def cache(self) -> EvictionCache:
+        return self._cache()
 
     # --- transformers' CacheLayerMixin -------------------------------------------------------------------
 

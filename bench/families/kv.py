@@ -90,13 +90,16 @@ class ScoreContext:
         g = x.view(b, hq // self.groups, self.groups, *x.shape[2:])
         return g.mean(dim=2) if reduce == "mean" else g.amax(dim=2)
 
-    def _weights(self, q_idx: slice) -> torch.Tensor:
+    def _weights(self, q_idx: slice, keys_upto: Optional[int] = None) -> torch.Tensor:
         b, hq, _, d = self.queries.shape
         h, g = self.keys.shape[1], self.groups
         q = self.queries[:, :, q_idx]
         w = q.shape[2]
-        scores = torch.matmul(q.reshape(b, h, g * w, d), self.keys.transpose(-1, -2)).float() * self.scaling
-        mask = kv_attention.causal_mask(self.valid, self.positions, self.query_positions[:, q_idx])
+        n = self.keys.shape[2] if keys_upto is None else keys_upto
+        keys = self.keys[:, :, :n]
+        scores = torch.matmul(q.reshape(b, h, g * w, d), keys.transpose(-1, -2)).float() * self.scaling
+        mask = kv_attention.causal_mask(self.valid[..., :n], self.positions[..., :n],
+                                        self.query_positions[:, q_idx])
         probs = kv_attention.masked_softmax(scores.view(b, h, g, w, -1), mask.unsqueeze(2))
         probs = probs * self.query_valid[:, q_idx].view(b, 1, 1, w, 1)  # padding queries weigh nothing
         return probs.view(b, hq, w, -1)
@@ -118,10 +121,12 @@ class ScoreContext:
         b, hq, q, _ = self.queries.shape
         if chunk is None:
             chunk = max(1, min(q, (1 << 30) // max(1, b * hq * self.keys.shape[2] * 4)))
-        total = None
+        total = torch.zeros(b, hq, self.keys.shape[2], dtype=torch.float32, device=self.keys.device)
+        first = self.keys.shape[2] - q  # this forward's tokens fill the last q slots, in order
         for s in range(0, q, chunk):
-            part = self._weights(slice(s, min(q, s + chunk))).sum(dim=2)
-            total = part if total is None else total + part
+            e = min(q, s + chunk)
+            # keys after the chunk's last query are in its future (masked): leave them out, half the work
+            total[..., : first + e] += self._weights(slice(s, e), keys_upto=first + e if first >= 0 else None).sum(2)
         return total
 
     @classmethod
