@@ -1,7 +1,12 @@
 """The LLM generation runner of the ``kv`` family: chat template, compressed prefill, greedy decoding with
 explicit positions, and the measurements of DESIGN.md ("Measurement protocol").
 
-One sample, one generation (batch 1) in ``run``; ``generate`` also takes a batch of equal-length prompts.
+One sample, one generation in ``run``; ``generate`` takes a batch: prompts of different lengths are left
+padded (``Prompt.batch``), padding is never cached as a live token nor counted in a budget, and every row
+gets its own positions and budget. ``prefill_rows`` prefills (and compresses) a few rows at a time and then
+decodes all of them together, so only those rows' full caches ever coexist. Decoding runs over the
+``EvictionCache`` with static shapes; on CUDA its steps replay a captured CUDA graph (``measure.cuda_graph``)
+and ``measure.fuse_kernels`` compiles the decoder's elementwise glue (``tokenbench.fused_decode``).
 
 Prompt layout. The user message is ``sample.context + sample.question``; with a chat template the formatted
 prompt is cut where the context text ends:

@@ -222,10 +222,14 @@ def main() -> None:
                                f"streaming_llm_keep{keep}": max_batch(loaded, "streaming_llm", keep, ctx,
                                                                       args.question, 64)}
         print("max batch:", result["max_batch"], flush=True)
-    # the largest shapes first, so a time limit cuts the least informative runs
-    for ctx, batch in sorted(((c, b) for c in args.contexts for b in args.batches), key=lambda cb: -cb[0] * cb[1]):
+    # the smallest keep ratio and the largest shapes first, so a time limit cuts the least informative runs
+    blocks = sorted(((k, c, b) for k in sorted(args.keeps) for c in args.contexts for b in args.batches),
+                    key=lambda kcb: (kcb[0], -kcb[1] * kcb[2]))
+    for block_keep, ctx, batch in blocks:
+        first_block = block_keep == min(args.keeps)
         if True:
-            for name, keep, backend in [(n, k, bk) for n in names for k in ([1.0] if n == "none" else args.keeps)
+            for name, keep, backend in [(n, k, bk) for n in names
+                                        for k in (([1.0] if first_block else []) if n == "none" else [block_keep])
                                         for bk in args.decode_backends]:
                 if backend != "matmul" and make_method(name, keep).evicts_at_decode:
                     continue  # decode-time eviction always uses the weights of the explicit path
