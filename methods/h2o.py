@@ -61,4 +61,4 @@ class H2O(KVMethod):
         if ctx.budget is None or float(self.recent_ratio) == 0.0:
             return total.clone()
         n_recent = (ctx.budget * float(self.recent_ratio) + 1e-6).floor().long()
-        return ctx.keep_first(total, ctx.recent(n_recent), ctx.positions)
+        return ctx.keep_first(total, ctx.recent(n_recent))  # the window never exceeds the budget: no order

@@ -76,11 +76,12 @@ class Scissorhands(KVMethod):
         else:
             weights, qpos, qvalid = ctx.attention(), ctx.query_positions, ctx.query_valid
         count = self._record(ctx, self._unimportant(ctx, weights, qpos, qvalid))
-        pos = torch.where(ctx.valid, ctx.positions, 0).double()
+        pos = torch.where(ctx.valid, ctx.positions, 0).float()
         newest = pos.amax(dim=-1, keepdim=True)
-        scores = pos - count.double() * (newest + 1)  # fewer unimportant steps first, then the newer token
+        # fewer unimportant steps first, then the newer token (exact while w * newest < 2**24)
+        scores = pos - count * (newest + 1)
         n_recent = self.recent_window if ctx.budget is None else ctx.budget.clamp(max=self.recent_window)
-        return ctx.keep_first(scores, ctx.recent(n_recent), ctx.positions)
+        return ctx.keep_first(scores, ctx.recent(n_recent))  # the window never exceeds the budget: no order
 
     @staticmethod
     def _unimportant(ctx: ScoreContext, weights: torch.Tensor, qpos: torch.Tensor,
@@ -88,7 +89,9 @@ class Scissorhands(KVMethod):
         """``(B, H, m, C)`` bool: at each of the ``m`` steps, the tokens the query saw that got at most the
         uniform share of its attention (query heads of a KV head averaged)."""
         att = ctx.kv_heads(weights, "mean")
-        seen = kv_attention.causal_mask(ctx.valid, ctx.positions, qpos)
+        # a decode step sees every live token; a prefill query those up to its position
+        seen = ctx.valid.unsqueeze(2) if ctx.phase == "decode" else \
+            kv_attention.causal_mask(ctx.valid, ctx.positions, qpos)
         n_seen = seen.sum(dim=-1, keepdim=True)
         return seen & (att * n_seen <= 1) & qvalid[:, None, :, None]
 
@@ -98,8 +101,16 @@ class Scissorhands(KVMethod):
         w = self.history_window
         words = [ctx.state(f"scissorhands_bits{k}", torch.int64) for k in range(-(-w // _BITS))]
         count = ctx.state("scissorhands_count")
+        m = flags.shape[2]
+        if ctx.phase == "prefill" and ctx.step == 0:  # the session's first scoring: no history yet, so pack
+            for k, word in enumerate(words):  # the m <= w steps at once (word k: ages 62k .. 62k + 61)
+                hi, lo = m - 1 - k * _BITS, max(0, m - (k + 1) * _BITS)  # steps j with those ages
+                if hi >= 0:
+                    age = hi - torch.arange(lo, hi + 1, device=flags.device)  # minus 62k
+                    word.copy_((flags[:, :, lo:hi + 1].long() << age.view(1, 1, -1, 1)).sum(dim=2))
+            return count.copy_(flags.sum(dim=2))
         top_word, top_bit = divmod(w - 1, _BITS)  # where the oldest step of the window sits
-        for step in range(flags.shape[2]):
+        for step in range(m):
             new = flags[:, :, step].long()
             leaving = (words[top_word] >> top_bit) & 1
             carry = new

@@ -201,6 +201,31 @@ def test_scissorhands_protects_the_recent_window_and_breaks_ties_by_recency() ->
     assert top(two, 2) == {6, 7}  # the window never exceeds the budget
 
 
+@pytest.mark.parametrize("window", [5, 62, 70, 130])
+def test_scissorhands_prefill_packs_the_history_like_step_by_step_updates(window: int) -> None:
+    """The session's first (prefill) scoring packs the last min(w, q) queries' flags at once; it equals
+    shifting them in one step at a time (the general path, taken here with ``step=1``)."""
+    g = torch.Generator().manual_seed(window)
+    c, d = 100, 8
+    q, k = torch.randn(1, 4, c, d, generator=g), torch.randn(1, 2, c, d, generator=g)
+    m = Scissorhands(keep_ratio=0.5, history_window=window, recent_window=3)
+    packed, stepped = (ScoreContext.synthetic(q, k, budget=40, step=step) for step in (0, 1))
+    assert torch.equal(m.score(packed), m.score(stepped))
+    for name, t in packed.layer.state.items():
+        assert torch.equal(t, stepped.layer.state[name]), name
+    assert int(packed.state("scissorhands_count").max()) > 0
+
+
+def test_keep_first_without_order_raises_the_mask_uniformly() -> None:
+    ctx = ScoreContext.synthetic(torch.zeros(1, 2, 1, 4), torch.zeros(1, 2, 6, 4))
+    scores = torch.tensor([[[0.5, -3.0, 2.0, 0.1, 0.2, 0.3], [1.0, 0.0, 0.0, 0.0, 9.0, 0.0]]])
+    mask = torch.zeros(1, 2, 6, dtype=torch.bool)
+    mask[:, :, 4:] = True
+    out = ctx.keep_first(scores, mask)
+    assert torch.equal(out[~mask], scores[~mask])
+    assert bool((out[mask] == 4.0).all())  # 1 + the largest |score| outside the mask in the row (-3)
+
+
 @pytest.mark.parametrize("kw", [{"recent_ratio": 1.5}, {"recent_ratio": -0.1}, {"recent_ratio": True}])
 def test_h2o_bad_recent_ratio(kw) -> None:
     with pytest.raises(TokenbenchError, match="recent_ratio") as err:

@@ -178,12 +178,16 @@ class ScoreContext:
             raise TokenbenchError("this model has no rotary embedding module")
         return self.rotary(self.keys[:, 0, :1], positions)
 
-    def keep_first(self, scores: torch.Tensor, mask: torch.Tensor, order: torch.Tensor) -> torch.Tensor:
+    def keep_first(self, scores: torch.Tensor, mask: torch.Tensor,
+                   order: Optional[torch.Tensor] = None) -> torch.Tensor:
         """``scores`` ``(B, H, C)`` with the slots in ``mask`` raised above every live slot of their row (all
         heads, so also under Ada-KV allocation): any budget takes them first, the higher ``order`` first
-        (e.g. a window, ``order=positions``; sinks, ``order=-positions``). Distinct values, so no ties."""
+        (e.g. a window, ``order=positions``; sinks, ``order=-positions``). Distinct values, so no ties.
+        ``order=None``: all raised to one value, no sort (for a mask never larger than what is kept)."""
         s = scores.float()
         top = s.masked_fill(~self.valid | mask, 0).abs().amax(dim=(1, 2), keepdim=True) + 1
+        if order is None:
+            return torch.where(mask, top, s)
         rank = order.float().masked_fill(~mask, float("-inf")).argsort(dim=-1).argsort(dim=-1)
         rank = rank - (~mask).sum(dim=-1, keepdim=True)  # 0 for the lowest ``order`` among ``mask``
         return torch.where(mask, top + rank.float(), s)
