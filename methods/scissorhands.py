@@ -3,7 +3,7 @@
 Liu, Desai, Liao, Wang, Xie, Xu, Kyrillidis, Shrivastava. "Scissorhands: Exploiting the Persistence of
 Importance Hypothesis for LLM KV Cache Compression at Test Time", NeurIPS 2023 (arXiv:2305.17118). No official
 code exists; this follows the paper's Algorithm 1 (a KV cache held at a fixed budget while generating) and
-Algorithm 2 (compression: over the attention of the last ``w`` steps, count for every cached token the
+Algorithm 2 (compression, as we read it: over the attention of the last ``w`` steps, count for each token the
 steps at which it was unimportant — attention below the average share — protect the ``r`` newest tokens,
 drop the tokens with the largest counts).
 
