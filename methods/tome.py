@@ -70,4 +70,4 @@ class ToMe(VisionTokenReducer):
             b_tokens.expand(b, n_b - p_b),  # B tokens
         ], dim=1)
         n_unm = n_a - r - p_a
-        return Reduction(keep=keep, src=2 * src, dst=p + n_unm + dst - p_b)
+        return Reduction(keep=keep, src=2 * src, dst=dst + (p + n_unm - p_b))

@@ -424,6 +424,19 @@ def test_tome_schedule_matches_reference(vit64, inflection) -> None:
     compare(vit64["cls"], method, tome_reference(6, 1, inflection), images(2, seed=7, dtype=torch.float64), True)
 
 
+@pytest.mark.parametrize("kind", ["cls", "distilled"])
+def test_proportional_attention_as_a_key_channel_matches_reference(vit64, kind, monkeypatch) -> None:
+    """The CUDA default (log size as one more key channel, heads padded) computes the same attention as the
+    additive bias: same decisions and logits as the reference, on a CPU in float64."""
+    from tokenbench.families import vit as family
+
+    monkeypatch.setattr(family, "PROP_ATTN", "channel")
+    method = METHODS.get("tome").cls(r=7, trace_source=True)
+    n_prefix = {"cls": 1, "distilled": 2}[kind]
+    compare(vit64[kind], method, tome_reference(7, n_prefix), images(2, seed=8, dtype=torch.float64), True)
+    assert any(k[0] == "padded_qkv" for k in run(vit64[kind], method, images(1, dtype=torch.float64))[1]._constants)
+
+
 def test_tome_explicit_attention_path_matches_reference() -> None:
     model = tiny().double()
     for m in model.modules():

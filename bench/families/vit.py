@@ -10,9 +10,10 @@ rest, once per forward and with no per-module hooks:
   embedding, final norm, pooling, head) is timm's own code;
 - each block runs as timm's ``Block``/``Attention`` do, with the reduction between attention and MLP (where
   ToMe, PiToMe and EViT all place it). Attention stays fused: ``F.scaled_dot_product_attention``, with
-  proportional attention (``log`` token size added to the logits, ToMe eq. 4) passed as an additive
-  ``attn_mask`` of shape ``(B, 1, 1, N)``; the merge metric (keys averaged over heads) and the [CLS]
-  attention row (EViT) come from the block's own ``q``/``k``, so no ``N x N`` attention map is built;
+  proportional attention (``log`` token size added to the logits, ToMe eq. 4) either as one more key
+  channel (the default on CUDA: the kernel stays the bias-free one) or as an additive ``attn_mask`` of shape
+  ``(B, 1, 1, N)`` (``PROP_ATTN``); the merge metric (keys averaged over heads) and the [CLS] attention row
+  (EViT) come from the block's own ``q``/``k``, so no ``N x N`` attention map is built;
 - the reduction a method returns (``Reduction``: which input token seeds each output slot, which tokens are
   folded into which slot) is applied with gathers and one ``scatter_add`` to the hidden states, the token
   sizes (how many patches each token stands for) and, if asked, the source map (which input patches each
@@ -42,6 +43,12 @@ import torch
 import torch.nn.functional as F
 from tokenbench.errors import TokenbenchError
 from tokenbench.method import Method
+
+# How proportional attention reaches fused attention: "bias" passes log(size) as an additive attn_mask
+# (B, 1, 1, N); "channel" appends it as one more key channel (q: a constant 1/scale, k: log(size), v: 0; heads
+# padded to a multiple of 8), so SDPA keeps its bias-free kernel (on an H200 the cuDNN kernel with a bias ran
+# ~3x slower per token pair than without). Exact either way up to rounding; "auto": channel on CUDA.
+PROP_ATTN = "auto"
 
 SUPPORTED = ("timm VisionTransformer models built from timm's pre-norm Block and Attention: ViT, DeiT "
              "(distilled too), AugReg, CLIP-style and register-token ViTs")
@@ -256,18 +263,19 @@ def apply_reduction(red: Reduction, x: torch.Tensor, size: Optional[torch.Tensor
         new_x, new_size = seed(x), seed(size)
     else:
         dst = red.dst.unsqueeze(-1)
-        seed_size = seed(size)
-        new_size = seed_size.clone().scatter_add_(1, dst, rows(size, red.src))
+        src_size = rows(size, red.src)
+        new_size = seed(size).scatter_add_(1, dst, src_size)
         new_x = seed(x)
+        dst_c = dst.expand(-1, -1, x.shape[-1])
         if red.weight is None:
-            # The size-weighted mean of each slot's members, sum(s_i x_i) / sum(s_i) (ToMe's merge_wavg), in
-            # two passes over the hidden states (gather, scale in place) rather than three (x * s, gather,
-            # divide): seeds are scaled by s_seed / s_slot, members added with weight s_i / s_slot.
-            new_x.mul_(seed_size / new_size)
-            weight = rows(size, red.src) / new_size.gather(1, dst)
+            # The size-weighted mean of each slot's members (ToMe's merge_wavg), written as an update of the
+            # slot's seed: x_slot + sum_i (s_i / s_slot) (x_i - x_seed), with s_slot the merged size. Only the
+            # merged rows are touched: one pass over the hidden states (the gather above) instead of three
+            # (x * s, gather, divide).
+            add = (rows(x, red.src) - new_x.gather(1, dst_c)) * (src_size / new_size.gather(1, dst))
         else:  # additive (EViT): slot + sum of weight * member
-            weight = red.weight.unsqueeze(-1).to(x.dtype)
-        new_x.scatter_add_(1, dst.expand(-1, -1, x.shape[-1]), rows(x, red.src) * weight)
+            add = rows(x, red.src) * red.weight.unsqueeze(-1).to(x.dtype)
+        new_x.scatter_add_(1, dst_c, add)
     if source is not None:
         new_source = seed(source)
         if red.src is not None:
@@ -349,36 +357,75 @@ class VitSession:
 
     def _block(self, blk: Any, layer: int, x: torch.Tensor, size: Optional[torch.Tensor],
                source: Optional[torch.Tensor], n_out: Optional[int]):
-        """timm's ``Block.forward`` and ``Attention.forward`` with the reduction between attention and MLP."""
+        """timm's ``Block.forward`` and ``Attention.forward`` with the reduction between attention and MLP.
+        Identity modules (no layer scale, no drop path, dropout in eval) are skipped, not called."""
         attn = blk.attn
         h = blk.norm1(x)
         b, n, _ = h.shape
+        heads, d = attn.num_heads, attn.head_dim
         gate = attn.gate(h).sigmoid() if attn.gate is not None else None
-        qkv = attn.qkv(h).reshape(b, n, 3, attn.num_heads, attn.head_dim).permute(2, 0, 3, 1, 4)
-        q, k, v = qkv.unbind(0)
-        q, k = attn.q_norm(q), attn.k_norm(k)
+        log_size = size[..., 0].log() if self.prop_attn and size is not None else None
         bias = None
-        if self.prop_attn and size is not None:
-            bias = size[..., 0].log().to(q.dtype)[:, None, None, :]  # proportional attention, (B, 1, 1, N)
-        if attn.fused_attn:
-            o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                               dropout_p=attn.attn_drop.p if attn.training else 0.0)
-        else:  # timm's explicit path
-            a = (q * attn.scale) @ k.transpose(-2, -1)
-            if bias is not None:
-                a = a + bias
-            o = attn.attn_drop(a.softmax(dim=-1)) @ v
-        o = attn.norm(o.transpose(1, 2).reshape(b, n, attn.attn_dim))
+        if log_size is not None and attn.fused_attn and self._channel_ok(attn, x):
+            # Proportional attention as one more key channel (see PROP_ATTN): q gets a constant 1/scale, k gets
+            # log(size), v zero; SDPA then runs the same bias-free kernel as the unreduced model.
+            w, bb = self._padded_qkv(layer, attn)
+            qkv = F.linear(h, w, bb).view(b, n, 3, heads, -1)
+            qkv[:, :, 1, :, d] = log_size.unsqueeze(-1).to(qkv.dtype)
+            qp, kp, vp = qkv.permute(2, 0, 3, 1, 4).unbind(0)
+            o = F.scaled_dot_product_attention(qp, kp, vp, scale=attn.scale,
+                                               dropout_p=attn.attn_drop.p if attn.training else 0.0)[..., :d]
+            q, k = qp[..., :d], kp[..., :d]
+        else:
+            qkv = attn.qkv(h).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
+            q, k, v = qkv.unbind(0)
+            q, k = _call(attn.q_norm, q), _call(attn.k_norm, k)
+            if log_size is not None:
+                bias = log_size.to(q.dtype)[:, None, None, :]  # proportional attention, (B, 1, 1, N)
+            if attn.fused_attn:
+                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
+                                                   dropout_p=attn.attn_drop.p if attn.training else 0.0)
+            else:  # timm's explicit path
+                a = (q * attn.scale) @ k.transpose(-2, -1)
+                if bias is not None:
+                    a = a + bias
+                o = _call(attn.attn_drop, a.softmax(dim=-1)) @ v
+        o = _call(attn.norm, o.transpose(1, 2).reshape(b, n, attn.attn_dim))
         if gate is not None:
             o = o * gate
-        x = x + blk.drop_path1(blk.ls1(attn.proj_drop(attn.proj(o))))
+        x = x + _call(blk.drop_path1, _call(blk.ls1, _call(attn.proj_drop, attn.proj(o))))
 
         if n_out is not None:
+            if log_size is not None and bias is None:
+                bias = log_size.to(q.dtype)[:, None, None, :]
             ctx = LayerContext(layer=layer, depth=self.depth, n_prefix=self.n_prefix, n_out=n_out, q=q, k=k,
                                scale=attn.scale, size=size, bias=bias, session=self)
             red = self.method.select(x, ctx)
             x, size, source = apply_reduction(red, x, size, source)
-        return x + blk.drop_path2(blk.ls2(blk.mlp(blk.norm2(x)))), size, source
+        return x + _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x)))), size, source
+
+    def _channel_ok(self, attn: Any, x: torch.Tensor) -> bool:
+        impl = PROP_ATTN
+        if impl == "auto":
+            impl = "channel" if x.is_cuda else "bias"
+        return impl == "channel" and type(attn.q_norm) is torch.nn.Identity and type(attn.k_norm) is torch.nn.Identity
+
+    def _padded_qkv(self, layer: int, attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
+        """The block's qkv projection with every head widened to a multiple of 8 channels (made once per
+        session): extra q channels are 0 except a constant 1/scale, extra k and v channels 0."""
+        key = ("padded_qkv", layer)
+        if key not in self._constants:
+            heads, d = attn.num_heads, attn.head_dim
+            dp = (d + 1 + 7) // 8 * 8
+            w = attn.qkv.weight.detach()
+            bias = attn.qkv.bias.detach() if attn.qkv.bias is not None else w.new_zeros(w.shape[0])
+            wp = w.new_zeros(3, heads, dp, w.shape[1])
+            wp[:, :, :d] = w.view(3, heads, d, -1)
+            bp = bias.new_zeros(3, heads, dp)
+            bp[:, :, :d] = bias.view(3, heads, d)
+            bp[0, :, d] = 1.0 / attn.scale
+            self._constants[key] = (wp.view(3 * heads * dp, -1), bp.view(-1))
+        return self._constants[key]
 
     # --- what the runner and the tests read -----------------------------------------------------------
 
@@ -410,6 +457,13 @@ class VitSession:
         if self.source is None:
             raise TokenbenchError("patch_groups needs trace_source=true and a forward")
         return self.source.argmax(dim=1)
+
+
+def _call(module: Any, x: torch.Tensor) -> torch.Tensor:
+    """``module(x)``, skipped where it is the identity (``nn.Identity``, dropout in eval)."""
+    if type(module) is torch.nn.Identity or (isinstance(module, torch.nn.Dropout) and not module.training):
+        return x
+    return module(x)
 
 
 def input_tokens(model: Any) -> int:
