@@ -222,7 +222,9 @@ class EvictionCache(Cache):
 
             layer.keys, layer.values = cat(lambda p: p.keys, 0), cat(lambda p: p.values, 0)
             layer.valid, layer.pos = cat(lambda p: p.valid, False), cat(lambda p: p.pos, _FAR)
-            layer.state = {k: cat(lambda p, k=k: p.state[k], 0) for k in parts[0].state}
+            names = {k: t for p in parts for k, t in p.state.items()}  # a group that never evicted has none
+            layer.state = {k: cat(lambda p, k=k, t=t: p.state[k] if k in p.state else
+                                  t.new_zeros((*p.keys.shape[:3], *t.shape[3:])), 0) for k, t in names.items()}
             layer.fill = max(p.fill for p in parts)
             layer.uniform_heads = all(p.uniform_heads for p in parts)
             layer.device, layer.dtype, layer.is_initialized = parts[0].device, parts[0].dtype, True

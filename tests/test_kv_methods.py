@@ -531,3 +531,19 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa) -> None:
     assert torch.equal(out.tokens, ref.tokens)
     for a, b in zip(out.logits, ref.logits):
         torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+
+
+def test_merge_keeps_method_state_of_groups_that_never_evicted(loaded) -> None:
+    """Row groups where only some evicted at prefill (a short row under an absolute budget): the merged cache
+    carries each row's own per-slot state, zero for rows that had none (h2o-style accumulated attention)."""
+    if "h2o" not in IDS:
+        pytest.skip("h2o not registered")
+    m = METHODS.get("h2o", "kv").cls(n_keep=30)
+    for lengths in ([40, 20], [20, 40]):
+        p = Prompt.batch(ragged(17, lengths, [6, 6]))
+        runner = LMRunner(loaded, m, MeasureSettings(warmup=0))
+        whole = runner.generate(p, 6, 6, return_logits=True)
+        rows = runner.generate(p, 6, 6, return_logits=True, prefill_rows=1)
+        assert torch.equal(whole.tokens, rows.tokens)
+        for a, b in zip(whole.logits, rows.logits):
+            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
