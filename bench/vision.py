@@ -77,8 +77,13 @@ class GraphedForward:
     no per-layer Python at replay. The returned logits live in the graph's static output buffer, overwritten
     by the next replay of the same shape (the runner reads them before that)."""
 
-    def __init__(self, model: torch.nn.Module, device: torch.device, amp: Optional[str],
-                 generators: Callable[[], Sequence[torch.Generator]] = lambda: ()):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        device: torch.device,
+        amp: Optional[str],
+        generators: Callable[[], Sequence[torch.Generator]] = lambda: (),
+    ):
         self.model, self.device, self.amp, self.generators = model, device, amp, generators
         self.graphs: dict[tuple, tuple[Any, torch.Tensor, torch.Tensor]] = {}
 
@@ -107,8 +112,13 @@ class GraphedForward:
         return static_out
 
 
-def make_forward(model: torch.nn.Module, execution: str, device: torch.device, amp: Optional[str],
-                 generators: Callable[[], Sequence[torch.Generator]] = lambda: ()) -> Callable:
+def make_forward(
+    model: torch.nn.Module,
+    execution: str,
+    device: torch.device,
+    amp: Optional[str],
+    generators: Callable[[], Sequence[torch.Generator]] = lambda: (),
+) -> Callable:
     """``forward(x) -> logits`` for an execution mode: eager, compile (``torch.compile``, static shapes) or
     cuda_graph. Autocast is applied inside."""
     if execution == "cuda_graph":
@@ -178,18 +188,24 @@ class _Prefetch:
 
 
 class VisionRunner:
-    """Runs chunks of image samples through a timm ViT with a vit-family method attached, and measures them."""
+    """Runs chunks of image samples through a timm ViT with a vit-family method attached; measures them."""
 
-    def __init__(self, loaded: Any, method: Optional[VisionTokenReducer] = None,
-                 measure: Optional[MeasureSettings] = None):
+    def __init__(
+        self,
+        loaded: Any,
+        method: Optional[VisionTokenReducer] = None,
+        measure: Optional[MeasureSettings] = None,
+    ):
         if method is None:
             from tokenbench.registry import METHODS, load_all
 
             load_all()
             method = METHODS.get("none", "vit").cls()
         if getattr(method, "family", None) != "vit":
-            raise TokenbenchError(f"VisionRunner runs vit-family methods; got '{getattr(method, 'name', method)}' "
-                                  f"of family '{getattr(method, 'family', '?')}'")
+            raise TokenbenchError(
+                f"VisionRunner runs vit-family methods; got '{getattr(method, 'name', method)}' "
+                f"of family '{getattr(method, 'family', '?')}'"
+            )
         self.loaded = loaded
         self.model = loaded.model
         self.method = method
@@ -292,11 +308,13 @@ class VisionRunner:
                 if pending is not None:
                     yield self._finish(*pending)
                 elapsed = time.perf_counter() - t_start
-                self._summary.update({
-                    "stream_images_per_s": n_images / elapsed if elapsed > 0 else None,
-                    "stream_s": elapsed,
-                    "n_images": n_images,
-                })
+                self._summary.update(
+                    {
+                        "stream_images_per_s": n_images / elapsed if elapsed > 0 else None,
+                        "stream_s": elapsed,
+                        "n_images": n_images,
+                    }
+                )
         finally:
             prefetch.close()
             torch.backends.cudnn.benchmark = cudnn_benchmark
@@ -305,8 +323,11 @@ class VisionRunner:
         """Untimed work before the loop: warm-up per chunk size, FLOPs, the memory pass."""
         warm = max(int(self.measure.warmup), 1 if self.execution != "eager" else 0)
         for n in sizes:
-            x = first[:n] if n <= first.shape[0] else first.repeat((n + first.shape[0] - 1) // first.shape[0],
-                                                                    1, 1, 1)[:n]
+            x = (
+                first[:n]
+                if n <= first.shape[0]
+                else first.repeat((n + first.shape[0] - 1) // first.shape[0], 1, 1, 1)[:n]
+            )
             for _ in range(warm):
                 forward(x)
         with autocast(self.device, self.amp):
@@ -316,26 +337,44 @@ class VisionRunner:
         self._memory = mem.as_dict()
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        self._summary.update({
-            "execution": self.execution, "amp": self.amp, "flops_per_image": self.flops,
-            "batch_size": int(first.shape[0]), "warmup": warm, "input_tokens": self.n_tokens,
-            "compression": session.stats(self.n_tokens),
-        })
+        self._summary.update(
+            {
+                "execution": self.execution,
+                "amp": self.amp,
+                "flops_per_image": self.flops,
+                "batch_size": int(first.shape[0]),
+                "warmup": warm,
+                "input_tokens": self.n_tokens,
+                "compression": session.stats(self.n_tokens),
+            }
+        )
 
-    def _finish(self, chunk: list, stamps: list, top_host: torch.Tensor, fetched: Any,
-                stats: dict[str, Any]) -> list[VisionOutput]:
+    def _finish(
+        self, chunk: list, stamps: list, top_host: torch.Tensor, fetched: Any, stats: dict[str, Any]
+    ) -> list[VisionOutput]:
         if fetched is not None:
             fetched.synchronize()
         times = [end.ms_since(start) for start, end in stamps]
         ms = statistics.median(times)
         n = len(chunk)
         latency: dict[str, Optional[float]] = {
-            "batch_ms": ms, "images_per_s": n * 1e3 / ms if ms > 0 else None, "ms_per_image": ms / n}
+            "batch_ms": ms,
+            "images_per_s": n * 1e3 / ms if ms > 0 else None,
+            "ms_per_image": ms / n,
+        }
         if len(times) > 1:
             latency["batch_ms_spread"] = max(times) - min(times)
         # the rows of a chunk share its measurement dicts (they are serialised, never mutated)
-        return [VisionOutput(text=pred, latency=latency, memory=self._memory, compression=stats,
-                             n_context_tokens=self.n_tokens) for pred in top_host.tolist()]
+        return [
+            VisionOutput(
+                text=pred,
+                latency=latency,
+                memory=self._memory,
+                compression=stats,
+                n_context_tokens=self.n_tokens,
+            )
+            for pred in top_host.tolist()
+        ]
 
 
 class _CudaStamp:

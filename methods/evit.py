@@ -39,7 +39,9 @@ from tokenbench.registry import register_method
 class EViT(VisionTokenReducer):
     """Top-k by [CLS] attention; inattentive tokens fused into one."""
 
-    keep_rate: float = 1.0  # EViT's budget: fraction of unprotected tokens kept at each drop_loc block (r = 0)
+    keep_rate: float = (
+        1.0  # EViT's budget: fraction of unprotected tokens kept at each drop_loc block (r = 0)
+    )
     drop_loc: list[int] = field(default_factory=lambda: [3, 6, 9])  # blocks that reduce under keep_rate
     fuse_token: bool = True  # fuse the inattentive tokens into one token (False: drop them)
 
@@ -49,10 +51,13 @@ class EViT(VisionTokenReducer):
         if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not 0.0 < float(kr) <= 1.0:
             raise TokenbenchError(f"method '{self.label}': keep_rate must be in (0, 1], got {kr!r}")
         if any(isinstance(i, bool) or not isinstance(i, int) or i < 0 for i in self.drop_loc):
-            raise TokenbenchError(f"method '{self.label}': drop_loc must list block indices >= 0, "
-                                  f"got {list(self.drop_loc)!r}")
+            raise TokenbenchError(
+                f"method '{self.label}': drop_loc must list block indices >= 0, got {list(self.drop_loc)!r}"
+            )
         if self.r and float(kr) < 1.0:
-            raise TokenbenchError(f"method '{self.label}': set either r (tokens per block) or keep_rate, not both")
+            raise TokenbenchError(
+                f"method '{self.label}': set either r (tokens per block) or keep_rate, not both"
+            )
 
     def is_noop(self) -> bool:
         return self.r == 0 and (float(self.keep_rate) >= 1.0 or not self.drop_loc)
@@ -77,8 +82,10 @@ class EViT(VisionTokenReducer):
     def select(self, x: torch.Tensor, ctx: LayerContext) -> Reduction:
         p = ctx.n_prefix
         if p == 0:
-            raise TokenbenchError(f"method '{self.label}' ranks tokens by the class token's attention; this model "
-                                  "has no class token")
+            raise TokenbenchError(
+                f"method '{self.label}' ranks tokens by the class token's attention; this model "
+                "has no class token"
+            )
         left = ctx.n_out - p - int(self.fuse_token)
         attn = ctx.cls_attention()[:, p:]  # (B, T): attentiveness of each unprotected token
         order = attn.argsort(dim=-1, descending=True)  # top-k, sorted; the rest is the complement

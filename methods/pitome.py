@@ -46,7 +46,9 @@ from tokenbench.registry import register_method
 class PiToMe(VisionTokenReducer):
     """Energy-protected token merging."""
 
-    ratio: Optional[float] = None  # PiToMe's budget: fraction of unprotected tokens kept per block; overrides r
+    ratio: Optional[float] = (
+        None  # PiToMe's budget: fraction of unprotected tokens kept per block; overrides r
+    )
     margin: float = 0.75  # energy margin at the first block; falls linearly to 0 over depth
     alpha: float = 1.0  # ELU alpha of the energy score
     bsm_layers: float = 0.5  # fraction of the first blocks that use energy-ordered bipartite matching
@@ -55,9 +57,13 @@ class PiToMe(VisionTokenReducer):
     def validate(self) -> None:
         super().validate()
         if self.ratio is not None and not (isinstance(self.ratio, (int, float)) and 0.0 < self.ratio <= 1.0):
-            raise TokenbenchError(f"method '{self.label}': ratio must be in (0, 1] (or unset), got {self.ratio!r}")
+            raise TokenbenchError(
+                f"method '{self.label}': ratio must be in (0, 1] (or unset), got {self.ratio!r}"
+            )
         if not 0.0 <= float(self.bsm_layers) <= 1.0:
-            raise TokenbenchError(f"method '{self.label}': bsm_layers must be in [0, 1], got {self.bsm_layers!r}")
+            raise TokenbenchError(
+                f"method '{self.label}': bsm_layers must be in [0, 1], got {self.bsm_layers!r}"
+            )
 
     def proportional_attention(self) -> bool:
         return self.prop_attn

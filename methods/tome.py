@@ -64,10 +64,13 @@ class ToMe(VisionTokenReducer):
             unm = unm.sort(dim=-1).values  # protected A tokens (never merged) come first
         b = x.shape[0]
         b_tokens = ctx.session.constant(("tome_b", n, p, x.device), lambda: 2 * ctx.arange(n_b)[p_b:] + 1)
-        keep = torch.cat([
-            ctx.arange(p).expand(b, p),  # protected tokens, in their original order
-            2 * unm[:, p_a:],  # unmerged A tokens
-            b_tokens.expand(b, n_b - p_b),  # B tokens
-        ], dim=1)
+        keep = torch.cat(
+            [
+                ctx.arange(p).expand(b, p),  # protected tokens, in their original order
+                2 * unm[:, p_a:],  # unmerged A tokens
+                b_tokens.expand(b, n_b - p_b),  # B tokens
+            ],
+            dim=1,
+        )
         n_unm = n_a - r - p_a
         return Reduction(keep=keep, src=2 * src, dst=dst + (p + n_unm - p_b))

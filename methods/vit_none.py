@@ -22,8 +22,10 @@ class NoViT(VisionTokenReducer):
     def validate(self) -> None:
         super().validate()
         if self.r != 0:
-            raise TokenbenchError(f"method 'none' keeps every token and takes no budget (got r={self.r}); "
-                                  "run it once as the baseline")
+            raise TokenbenchError(
+                f"method 'none' keeps every token and takes no budget (got r={self.r}); "
+                "run it once as the baseline"
+            )
 
     def is_noop(self) -> bool:
         return True

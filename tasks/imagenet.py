@@ -93,7 +93,9 @@ class ImageClassification(Task):
             raise TokenbenchError(f"imagenet: root is not a folder: {root}")
         classes = sorted(p.name for p in root.iterdir() if p.is_dir() and not p.name.startswith("."))
         if not classes:
-            raise TokenbenchError(f"imagenet: {root} has no class sub-folders (expected root/<class>/<image>)")
+            raise TokenbenchError(
+                f"imagenet: {root} has no class sub-folders (expected root/<class>/<image>)"
+            )
         items = []
         for label, name in enumerate(classes):
             for path in sorted((root / name).rglob("*")):
@@ -108,15 +110,19 @@ class ImageClassification(Task):
             try:
                 import datasets
             except ImportError:
-                raise TokenbenchError("imagenet: root is not set and the 'datasets' package is missing; "
-                                      "pass task.root=<ImageFolder dir> or pip install datasets") from None
+                raise TokenbenchError(
+                    "imagenet: root is not set and the 'datasets' package is missing; "
+                    "pass task.root=<ImageFolder dir> or pip install datasets"
+                ) from None
             try:
                 self._dataset = datasets.load_dataset(self.hf_dataset, split=self.split)
             except Exception as exc:
                 first = str(exc).splitlines()[0] if str(exc) else ""
-                raise TokenbenchError(f"imagenet: could not load the Hugging Face dataset '{self.hf_dataset}' "
-                                      f"({type(exc).__name__}: {first}); without a hub, pass "
-                                      "task.root=<ImageFolder dir>") from None
+                raise TokenbenchError(
+                    f"imagenet: could not load the Hugging Face dataset '{self.hf_dataset}' "
+                    f"({type(exc).__name__}: {first}); without a hub, pass "
+                    "task.root=<ImageFolder dir>"
+                ) from None
         return self._dataset
 
     def samples(self, loaded: LoadedModel) -> list[Sample]:
@@ -144,11 +150,21 @@ class ImageClassification(Task):
         n_classes = int((loaded.info or {}).get("num_classes") or 0)
         top = max(label for _, label in pairs)
         if n_classes and top >= n_classes:
-            raise TokenbenchError(f"imagenet: the data has class index {top} but the model has {n_classes} "
-                                  "classes")
-        out = [Sample(id=key, answer=label, meta={"label": label, "class": str(classes[label]) if label <
-                                                  len(classes) else str(label), "source": origin})
-               for key, label in pairs]
+            raise TokenbenchError(
+                f"imagenet: the data has class index {top} but the model has {n_classes} classes"
+            )
+        out = [
+            Sample(
+                id=key,
+                answer=label,
+                meta={
+                    "label": label,
+                    "class": str(classes[label]) if label < len(classes) else str(label),
+                    "source": origin,
+                },
+            )
+            for key, label in pairs
+        ]
         self._index = {s.id: i for i, s in enumerate(out)}
         self._cache = None
         if self.preload:

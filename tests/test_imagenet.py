@@ -1,6 +1,6 @@
-"""The imagenet (ImageFolder) task and the vision runner: real photos from scikit-image in class folders with
-labels assigned here, a tiny random ViT; samples, preprocessing, scoring, the batched loop and its records, and
-an end-to-end CLI run with resume."""
+"""The imagenet (ImageFolder) task and the vision runner: real photos from scikit-image in class folders
+with labels assigned here, a tiny random ViT; samples, preprocessing, scoring, the batched loop and its
+records, and an end-to-end CLI run with resume."""
 
 from __future__ import annotations
 
@@ -21,9 +21,13 @@ from test_pipeline import record, run_dirs, tokenbench
 registry.load_all()
 
 # label (folder) -> the skimage.data photos in it; sorted folder names give indices 0..4
-PHOTOS = {"astronaut": ["astronaut"], "cat": ["cat", "chelsea"], "coffee": ["coffee"], "grayscale": ["camera", "coins",
-                                                                                                  "moon"],
-          "rocket": ["rocket"]}
+PHOTOS = {
+    "astronaut": ["astronaut"],
+    "cat": ["cat", "chelsea"],
+    "coffee": ["coffee"],
+    "grayscale": ["camera", "coins", "moon"],
+    "rocket": ["rocket"],
+}
 N_PHOTOS = sum(len(v) for v in PHOTOS.values())
 
 
@@ -103,11 +107,14 @@ def test_score_top1_top5() -> None:
     assert task.score(s, [1, 2, 3, 4, 5]) == {"top1": 0.0, "top5": 0.0}
     assert task.score(s, [1, 2, 3, 4, 5, 7]) == {"top1": 0.0, "top5": 0.0}  # only the first five count
     assert task.score(s, "7") == {"top1": 1.0, "top5": 1.0}  # one predicted class
-    assert task.aggregate([{"metrics": {"top1": 1.0, "top5": 1.0}}, {"metrics": {"top1": 0.0, "top5": 1.0}}]) == \
-        {"top1": 0.5, "top5": 1.0}
+    assert task.aggregate(
+        [{"metrics": {"top1": 1.0, "top5": 1.0}}, {"metrics": {"top1": 0.0, "top5": 1.0}}]
+    ) == {"top1": 0.5, "top5": 1.0}
 
 
-@pytest.mark.parametrize("name", [n for n in registry.TASKS.names() if "vit" in registry.TASKS.get(n).families])
+@pytest.mark.parametrize(
+    "name", [n for n in registry.TASKS.names() if "vit" in registry.TASKS.get(n).families]
+)
 def test_every_image_task_builds_scores_and_rejects_unknown_parameters(name, photos, loaded) -> None:
     """What tests/test_registry.py checks for text tasks, for every image task: samples, metrics in [0, 1]."""
     task = registry.build("task", {"name": name, "root": str(photos)})
@@ -153,7 +160,7 @@ def test_hf_dataset_unavailable_is_one_clear_line(loaded, monkeypatch) -> None:
 
 def stream(loaded, method, task, samples, size: int, **measure):
     runner = VisionRunner(loaded, method, MeasureSettings(**{"warmup": 1, **measure}))
-    chunks = [samples[i:i + size] for i in range(0, len(samples), size)]
+    chunks = [samples[i : i + size] for i in range(0, len(samples), size)]
     outs = [o for chunk in runner.run_batches(task, chunks) for o in chunk]
     return runner, outs
 
@@ -175,13 +182,16 @@ def test_runner_predictions_equal_the_models_own(photos, loaded, method_name) ->
     assert [o.text for o in outs] == top
     assert "forward" not in vars(loaded.model.blocks)
     o = outs[0]
-    assert o.latency["batch_ms"] > 0 and o.latency["images_per_s"] == pytest.approx(3e3 / o.latency["batch_ms"])
+    assert o.latency["batch_ms"] > 0 and o.latency["images_per_s"] == pytest.approx(
+        3e3 / o.latency["batch_ms"]
+    )
     assert o.latency["batch_ms_spread"] >= 0
     assert o.n_context_tokens == 17
     expected = [17, 17] if method_name == "none" else [14, 11]
     assert o.compression["tokens_per_layer"] == expected
     assert o.compression["achieved_keep_ratio"] == pytest.approx(
-        1.0 if method_name == "none" else ((17 + 14) / 34 + (14 + 11) / 34) / 2)
+        1.0 if method_name == "none" else ((17 + 14) / 34 + (14 + 11) / 34) / 2
+    )
     assert runner.flops > 0
     summary = runner.summary()
     assert summary["n_images"] == N_PHOTOS and summary["stream_images_per_s"] > 0
@@ -206,27 +216,44 @@ def test_runner_rejects_other_families(loaded) -> None:
 
 def test_cli_run_writes_a_record_and_resumes(tmp_path, photos) -> None:
     out = tmp_path / "res"
-    args = ["model=tiny-vit", "method=tome", "method.r=2", "task=imagenet", f"task.root={photos}",
-            "task.batch_size=3", "measure.warmup=1", "wandb.mode=disabled"]
+    args = [
+        "model=tiny-vit",
+        "method=tome",
+        "method.r=2",
+        "task=imagenet",
+        f"task.root={photos}",
+        "task.batch_size=3",
+        "measure.warmup=1",
+        "wandb.mode=disabled",
+    ]
     proc = tokenbench(*args, out=out, timeout=300)
     assert proc.returncode == 0, proc.stderr
     (run_dir,) = run_dirs(out)
     rec = record(run_dir)
     assert rec["status"] == "ok" and rec["family"] == "vit" and rec["task"] == "imagenet"
     assert rec["n_samples"] == rec["n_samples_expected"] == N_PHOTOS
-    assert set(rec["metrics"]) == {"top1", "top5"} and 0 <= rec["metrics"]["top1"] <= rec["metrics"]["top5"] <= 1
+    assert (
+        set(rec["metrics"]) == {"top1", "top5"} and 0 <= rec["metrics"]["top1"] <= rec["metrics"]["top5"] <= 1
+    )
     assert rec["budget"] == {"r": 2, "inflection": 0.0, "prop_attn": True}
-    assert rec["achieved_keep_ratio"] == pytest.approx(((17 + 15) / 34 + (15 + 13) / 34 + (13 + 11) / 34
-                                                        + (11 + 9) / 34) / 4)
+    assert rec["achieved_keep_ratio"] == pytest.approx(
+        ((17 + 15) / 34 + (15 + 13) / 34 + (13 + 11) / 34 + (11 + 9) / 34) / 4
+    )
     assert rec["flops"] > 0 and rec["extra"]["flops_per_image"] == rec["flops"]
-    assert rec["latency"]["images_per_s"] > 0 and rec["latency"]["batch_ms_p90"] >= rec["latency"]["batch_ms_p50"]
+    assert (
+        rec["latency"]["images_per_s"] > 0
+        and rec["latency"]["batch_ms_p90"] >= rec["latency"]["batch_ms_p50"]
+    )
     assert rec["extra"]["stream_images_per_s"] > 0 and rec["extra"]["n_images"] == N_PHOTOS
     assert rec["memory"]["weights_bytes"] > 0
     assert rec["extra"]["compression"]["tokens_per_layer"] == [15, 13, 11, 9]
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert len(rows) == N_PHOTOS and all(len(r["prediction"]) == 5 for r in rows)
-    assert {r["sample_id"] for r in rows} == {f"{k}/{n}" for k, v in PHOTOS.items() for n in
-                                             [f"{x}{'.png' if i % 2 else '.JPG'}" for i, x in enumerate(v)]}
+    assert {r["sample_id"] for r in rows} == {
+        f"{k}/{n}"
+        for k, v in PHOTOS.items()
+        for n in [f"{x}{'.png' if i % 2 else '.JPG'}" for i, x in enumerate(v)]
+    }
     assert "top1" in proc.stdout
 
     # cut the log to its first chunk: a second run records the other samples once, with the same predictions
@@ -242,10 +269,22 @@ def test_cli_run_writes_a_record_and_resumes(tmp_path, photos) -> None:
 
 
 def test_cli_wrong_pairs_fail_before_loading(tmp_path, photos) -> None:
-    proc = tokenbench("model=tiny-vit", "method=streaming_llm", "task=imagenet", f"task.root={photos}",
-                      out=tmp_path / "r", timeout=120)
+    proc = tokenbench(
+        "model=tiny-vit",
+        "method=streaming_llm",
+        "task=imagenet",
+        f"task.root={photos}",
+        out=tmp_path / "r",
+        timeout=120,
+    )
     assert proc.returncode != 0 and "streaming_llm" in proc.stderr and "tome" in proc.stderr
-    proc = tokenbench("model=tiny-vit", "method=tome", "task=imagenet", f"task.root={tmp_path / 'nope'}",
-                      out=tmp_path / "r", timeout=120)
+    proc = tokenbench(
+        "model=tiny-vit",
+        "method=tome",
+        "task=imagenet",
+        f"task.root={tmp_path / 'nope'}",
+        out=tmp_path / "r",
+        timeout=120,
+    )
     assert proc.returncode != 0 and "image folder not found" in proc.stderr
     assert not (tmp_path / "r").exists()

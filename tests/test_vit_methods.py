@@ -1,7 +1,8 @@
-"""ViT family: every registered vit method is checked automatically (no-op at keep-all, token counts per block as
-scheduled, batch rows independent, prefix tokens kept first, sizes and sources consistent), and ToMe, PiToMe and
-EViT are compared with slow, straightforward reference implementations written here from the papers (and the
-reference code's ordering conventions): same merge decisions (source maps), same logits, on random inputs."""
+"""ViT family: every registered vit method is checked automatically (no-op at keep-all, token counts per
+block as scheduled, batch rows independent, prefix tokens kept first, sizes and sources consistent), and
+ToMe, PiToMe and EViT are compared with slow, straightforward reference implementations written here from
+the papers (and the reference code's ordering conventions): same merge decisions (source maps), same
+logits, on random inputs."""
 
 from __future__ import annotations
 
@@ -19,8 +20,10 @@ from tokenbench.vision import count_flops
 
 load_all()
 
-VIT_METHODS = sorted({e.cls for n in METHODS.names() for e in METHODS.entries(n) if e.family == "vit"},
-                     key=lambda c: c.registered_name)
+VIT_METHODS = sorted(
+    {e.cls for n in METHODS.names() for e in METHODS.entries(n) if e.family == "vit"},
+    key=lambda c: c.registered_name,
+)
 IDS = [c.registered_name for c in VIT_METHODS]
 BUDGETED = [c for c in VIT_METHODS if c.takes_budget]
 BUDGET_IDS = [c.registered_name for c in BUDGETED]
@@ -78,8 +81,8 @@ def test_builtin_vit_methods_registered() -> None:
 @pytest.mark.parametrize("fused", [True, False])
 @pytest.mark.parametrize("cls", VIT_METHODS, ids=IDS)
 def test_noop_at_keep_all_gives_the_unpatched_logits(vit, cls, fused) -> None:
-    """Default parameters keep every token: attached (nothing patched) or forced through the patched block loop
-    (fused or explicit attention), the logits are exactly the unpatched model's."""
+    """Default parameters keep every token: attached (nothing patched) or forced through the patched block
+    loop (fused or explicit attention), the logits are exactly the unpatched model's."""
     for m in vit.modules():
         if hasattr(m, "fused_attn"):
             m.fused_attn = fused
@@ -102,11 +105,14 @@ def test_noop_at_keep_all_gives_the_unpatched_logits(vit, cls, fused) -> None:
                 m.fused_attn = True
 
 
-@pytest.mark.parametrize(("r", "inflection", "expected"), [
-    (2, 0.0, [63, 61, 59, 57]),  # constant r
-    (4, -1.0, [57, 52, 50, 50]),  # ToMe's decreasing schedule: r per block 8, 5, 2, 0
-    (3, 1.0, [65, 63, 59, 53]),  # increasing: 0, 2, 4, 6
-])
+@pytest.mark.parametrize(
+    ("r", "inflection", "expected"),
+    [
+        (2, 0.0, [63, 61, 59, 57]),  # constant r
+        (4, -1.0, [57, 52, 50, 50]),  # ToMe's decreasing schedule: r per block 8, 5, 2, 0
+        (3, 1.0, [65, 63, 59, 53]),  # increasing: 0, 2, 4, 6
+    ],
+)
 @pytest.mark.parametrize("cls", BUDGETED, ids=BUDGET_IDS)
 def test_tokens_per_block_follow_the_schedule(vit, cls, r, inflection, expected) -> None:
     """65 input tokens (64 patches + class token), 4 blocks; no per-block cap binds at these r."""
@@ -117,7 +123,8 @@ def test_tokens_per_block_follow_the_schedule(vit, cls, r, inflection, expected)
     assert stats["tokens_per_layer"] == expected
     assert stats["tokens_in_per_layer"] == [65] + expected[:-1]
     assert stats["achieved_keep_ratio"] == pytest.approx(
-        sum((a + b) / 130 for a, b in zip([65] + expected[:-1], expected)) / 4)
+        sum((a + b) / 130 for a, b in zip([65] + expected[:-1], expected)) / 4
+    )
     assert out.shape == (2, 10) and torch.isfinite(out).all()
     assert method.nominal_budget()["r"] == r
 
@@ -140,14 +147,17 @@ def test_prefix_tokens_stay_first_and_sources_partition_the_patches(cls) -> None
     assert torch.equal(src.gather(1, groups[:, None, :])[:, 0][held], torch.ones(int(held.sum())))
 
 
-@pytest.mark.parametrize("cls", [c for c in BUDGETED if c.batch_consistent],
-                         ids=[c.registered_name for c in BUDGETED if c.batch_consistent])
+@pytest.mark.parametrize(
+    "cls",
+    [c for c in BUDGETED if c.batch_consistent],
+    ids=[c.registered_name for c in BUDGETED if c.batch_consistent],
+)
 def test_batch_row_equals_image_alone(vit, cls) -> None:
     method = cls(r=5)
     x = images(3, seed=4)
     both, _ = run(vit, method, x)
     for i in range(3):
-        alone, _ = run(vit, method, x[i:i + 1])
+        alone, _ = run(vit, method, x[i : i + 1])
         torch.testing.assert_close(both[i], alone[0], atol=1e-5, rtol=1e-5)
 
 
@@ -217,7 +227,9 @@ def test_unpatchable_models_fail_clearly() -> None:
     with pytest.raises(TokenbenchError, match="VisionTransformer"):
         with tome.attach(torch.nn.Sequential(torch.nn.Linear(4, 4))):
             pass
-    post = VisionTransformer(img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_fn=ResPostBlock)
+    post = VisionTransformer(
+        img_size=32, patch_size=8, embed_dim=32, depth=2, num_heads=2, block_fn=ResPostBlock
+    )
     with pytest.raises(TokenbenchError, match="ResPostBlock"):
         with tome.attach(post):
             pass
@@ -255,7 +267,7 @@ def test_detach_restores_the_model(vit) -> None:
 
 
 def ref_attention(blk, x, size, prop_attn: bool):
-    """Explicit attention of one timm block: returns x after the attention residual, the mean keys, the map."""
+    """Explicit attention of one timm block: x after the attention residual, the mean keys, the map."""
     attn = blk.attn
     h = blk.norm1(x)
     b, n, c = h.shape
@@ -303,7 +315,10 @@ def ref_forward(model, x_img, step, prop_attn: bool = False):
 
 def groups_of(session) -> list[list[list[int]]]:
     src = session.source
-    return [[torch.nonzero(src[i, j]).flatten().tolist() for j in range(src.shape[1])] for i in range(src.shape[0])]
+    return [
+        [torch.nonzero(src[i, j]).flatten().tolist() for j in range(src.shape[1])]
+        for i in range(src.shape[0])
+    ]
 
 
 def schedule(r: int, inflection: float, depth: int) -> list[int]:
@@ -313,8 +328,8 @@ def schedule(r: int, inflection: float, depth: int) -> list[int]:
 
 
 def tome_reference(r: int, n_prefix: int, inflection: float = 0.0, depth: int = 4):
-    """ToMe: alternate tokens into A (even) and B (odd); protected tokens never merge; each A token points to its
-    most similar B token; the r best-matched A tokens merge into their partners."""
+    """ToMe: alternate tokens into A (even) and B (odd); protected tokens never merge; each A token points to
+    its most similar B token; the r best-matched A tokens merge into their partners."""
     rs = schedule(r, inflection, depth)
 
     def step(layer, row, metric, probs):
@@ -344,9 +359,9 @@ def tome_reference(r: int, n_prefix: int, inflection: float = 0.0, depth: int = 
 
 
 def pitome_reference(r: int, n_prefix: int, margin: float = 0.75, depth: int = 4, ratio=None):
-    """PiToMe: energy E_i = mean_j elu(cos_ij - margin_l); tokens sorted by energy. Early blocks: bipartite matching
-    on sets alternating in that order; later blocks: the 2r highest-energy tokens alternate into A and B, every A
-    token merges into its most similar B token, the others are kept."""
+    """PiToMe: energy E_i = mean_j elu(cos_ij - margin_l); tokens sorted by energy. Early blocks: bipartite
+    matching on sets alternating in that order; later blocks: the 2r highest-energy tokens alternate into A
+    and B, every A token merges into its most similar B token, the others are kept."""
 
     def step(layer, row, metric, probs):
         n = metric.shape[0]
@@ -366,9 +381,9 @@ def pitome_reference(r: int, n_prefix: int, margin: float = 0.75, depth: int = 4
             ranked = sorted(a_set, key=lambda i: -best[i][0])
             merged, keep = ranked[:rr], ranked[rr:]
         else:
-            a_set, b_set = order[0:2 * rr:2], order[1:2 * rr:2]
+            a_set, b_set = order[0 : 2 * rr : 2], order[1 : 2 * rr : 2]
             best = {i: max((float(sim[i, j]), j) for j in b_set) for i in a_set}
-            merged, keep = a_set, order[2 * rr:]
+            merged, keep = a_set, order[2 * rr :]
         slots += [[(n_prefix + i, None)] for i in keep]
         for j in b_set:
             slots.append([(n_prefix + j, None)] + [(n_prefix + i, None) for i in merged if best[i][1] == j])
@@ -379,8 +394,8 @@ def pitome_reference(r: int, n_prefix: int, margin: float = 0.75, depth: int = 4
 
 def evit_reference(keep, n_prefix: int = 1, fuse: bool = True):
     """EViT: attentiveness = the class token's attention (mean over heads); keep the most attentive tokens in
-    descending order; fuse the others into one token, sum of attentiveness x token. ``keep(layer, T)`` gives the
-    number kept (None: block not reduced)."""
+    descending order; fuse the others into one token, sum of attentiveness x token. ``keep(layer, T)`` gives
+    the number kept (None: block not reduced)."""
 
     def step(layer, row, metric, probs):
         n = probs.shape[-1]
@@ -421,7 +436,9 @@ def test_tome_matches_reference(vit64, kind, r, prop_attn) -> None:
 @pytest.mark.parametrize("inflection", [-1.0, 0.5])
 def test_tome_schedule_matches_reference(vit64, inflection) -> None:
     method = METHODS.get("tome").cls(r=6, inflection=inflection, trace_source=True)
-    compare(vit64["cls"], method, tome_reference(6, 1, inflection), images(2, seed=7, dtype=torch.float64), True)
+    compare(
+        vit64["cls"], method, tome_reference(6, 1, inflection), images(2, seed=7, dtype=torch.float64), True
+    )
 
 
 @pytest.mark.parametrize("kind", ["cls", "distilled"])
@@ -434,7 +451,9 @@ def test_proportional_attention_as_a_key_channel_matches_reference(vit64, kind, 
     method = METHODS.get("tome").cls(r=7, trace_source=True)
     n_prefix = {"cls": 1, "distilled": 2}[kind]
     compare(vit64[kind], method, tome_reference(7, n_prefix), images(2, seed=8, dtype=torch.float64), True)
-    assert any(k[0] == "padded_qkv" for k in run(vit64[kind], method, images(1, dtype=torch.float64))[1]._constants)
+    assert any(
+        k[0] == "padded_qkv" for k in run(vit64[kind], method, images(1, dtype=torch.float64))[1]._constants
+    )
 
 
 def test_tome_explicit_attention_path_matches_reference() -> None:
@@ -452,7 +471,12 @@ def test_pitome_matches_reference(vit64, kind, r, ratio) -> None:
     n_prefix = {"cls": 1, "avg": 0}[kind]
     method = METHODS.get("pitome").cls(r=r, ratio=ratio, trace_source=True)
     assert method.bsm_layers == 0.5 and method.margin == 0.75
-    compare(vit64[kind], method, pitome_reference(r, n_prefix, ratio=ratio), images(2, seed=11 + r, dtype=torch.float64))
+    compare(
+        vit64[kind],
+        method,
+        pitome_reference(r, n_prefix, ratio=ratio),
+        images(2, seed=11 + r, dtype=torch.float64),
+    )
 
 
 def test_pitome_protects_distillation_token(vit64) -> None:
@@ -465,10 +489,16 @@ def test_pitome_protects_distillation_token(vit64) -> None:
 def test_evit_keep_rate_matches_reference(vit64, fuse) -> None:
     method = METHODS.get("evit").cls(keep_rate=0.7, drop_loc=[1, 3], fuse_token=fuse, trace_source=True)
     keep = lambda layer, t: math.ceil(0.7 * t) if layer in (1, 3) else None  # noqa: E731
-    session = compare(vit64["cls"], method, evit_reference(keep, fuse=fuse), images(2, seed=5, dtype=torch.float64))
+    session = compare(
+        vit64["cls"], method, evit_reference(keep, fuse=fuse), images(2, seed=5, dtype=torch.float64)
+    )
     t1 = math.ceil(0.7 * 64)
-    assert session.stats()["tokens_per_layer"] == [65, 1 + t1 + fuse, 1 + t1 + fuse,
-                                                   1 + math.ceil(0.7 * (t1 + fuse)) + fuse]
+    assert session.stats()["tokens_per_layer"] == [
+        65,
+        1 + t1 + fuse,
+        1 + t1 + fuse,
+        1 + math.ceil(0.7 * (t1 + fuse)) + fuse,
+    ]
 
 
 @pytest.mark.parametrize("r", [2, 9])

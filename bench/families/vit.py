@@ -50,8 +50,10 @@ from tokenbench.method import Method
 # ~3x slower per token pair than without). Exact either way up to rounding; "auto": channel on CUDA.
 PROP_ATTN = "auto"
 
-SUPPORTED = ("timm VisionTransformer models built from timm's pre-norm Block and Attention: ViT, DeiT "
-             "(distilled too), AugReg, CLIP-style and register-token ViTs")
+SUPPORTED = (
+    "timm VisionTransformer models built from timm's pre-norm Block and Attention: ViT, DeiT "
+    "(distilled too), AugReg, CLIP-style and register-token ViTs"
+)
 
 
 # --- what a method returns ---------------------------------------------------------------------------
@@ -151,7 +153,9 @@ class VisionTokenReducer(Method):
     batch_consistent: ClassVar[bool] = True  # a row's output does not depend on the other rows of its batch
 
     r: int = 0  # tokens removed per block (ToMe's r); 0 keeps every token
-    inflection: float = 0.0  # ToMe's (r, inflection) schedule over depth: 0 constant, -1 decreasing, +1 increasing
+    inflection: float = (
+        0.0  # ToMe's (r, inflection) schedule over depth: 0 constant, -1 decreasing, +1 increasing
+    )
     trace_source: bool = False  # keep the source map (which input patches each token holds) for visualisation
 
     def __post_init__(self) -> None:
@@ -233,21 +237,27 @@ def check_patchable(model: Any) -> None:
     except ImportError as exc:  # pragma: no cover - timm is a dependency
         raise TokenbenchError(f"the vit family needs timm: {exc}") from None
     if not isinstance(model, VisionTransformer):
-        raise TokenbenchError(f"cannot apply a vit method to {type(model).__name__}: the vit family patches "
-                              f"{SUPPORTED}")
+        raise TokenbenchError(
+            f"cannot apply a vit method to {type(model).__name__}: the vit family patches {SUPPORTED}"
+        )
     for i, blk in enumerate(model.blocks):
         if type(blk).forward is not Block.forward:
-            raise TokenbenchError(f"cannot patch {type(model).__name__}: block {i} is {type(blk).__name__}, "
-                                  f"not timm's pre-norm Block; the vit family patches {SUPPORTED}")
+            raise TokenbenchError(
+                f"cannot patch {type(model).__name__}: block {i} is {type(blk).__name__}, "
+                f"not timm's pre-norm Block; the vit family patches {SUPPORTED}"
+            )
         attn = getattr(blk, "attn", None)
         if attn is None or type(attn).forward is not Attention.forward:
-            raise TokenbenchError(f"cannot patch {type(model).__name__}: block {i} uses attention "
-                                  f"{type(attn).__name__}, not timm's Attention; the vit family patches "
-                                  f"{SUPPORTED}")
+            raise TokenbenchError(
+                f"cannot patch {type(model).__name__}: block {i} uses attention "
+                f"{type(attn).__name__}, not timm's Attention; the vit family patches "
+                f"{SUPPORTED}"
+            )
 
 
-def apply_reduction(red: Reduction, x: torch.Tensor, size: Optional[torch.Tensor],
-                    source: Optional[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
+def apply_reduction(
+    red: Reduction, x: torch.Tensor, size: Optional[torch.Tensor], source: Optional[torch.Tensor]
+) -> tuple[torch.Tensor, torch.Tensor, Optional[torch.Tensor]]:
     """Apply ``red`` to the hidden states, the token sizes and the source map; returns the three."""
     b = x.shape[0]
     if size is None:
@@ -279,8 +289,12 @@ def apply_reduction(red: Reduction, x: torch.Tensor, size: Optional[torch.Tensor
     if source is not None:
         new_source = seed(source)
         if red.src is not None:
-            new_source = new_source.scatter_reduce_(1, red.dst.unsqueeze(-1).expand(-1, -1, source.shape[-1]),
-                                                    rows(source, red.src), reduce="amax")
+            new_source = new_source.scatter_reduce_(
+                1,
+                red.dst.unsqueeze(-1).expand(-1, -1, source.shape[-1]),
+                rows(source, red.src),
+                reduce="amax",
+            )
         source = new_source
     return new_x, new_size, source
 
@@ -294,8 +308,9 @@ class VitSession:
         self.model = model
         self.blocks = list(model.blocks)
         self.depth = len(self.blocks)
-        self.n_prefix = int(getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None
-                                    else 0))
+        self.n_prefix = int(
+            getattr(model, "num_prefix_tokens", 1 if getattr(model, "cls_token", None) is not None else 0)
+        )
         self.prop_attn = method.proportional_attention()
         self.installed = False
         self._aranges: dict[tuple[int, str], torch.Tensor] = {}
@@ -344,7 +359,9 @@ class VitSession:
         size: Optional[torch.Tensor] = None
         source: Optional[torch.Tensor] = None
         if method.trace_source:
-            source = torch.eye(x.shape[1], device=x.device, dtype=x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            source = (
+                torch.eye(x.shape[1], device=x.device, dtype=x.dtype).unsqueeze(0).expand(x.shape[0], -1, -1)
+            )
         tokens_in, tokens_out = [], []
         for i, blk in enumerate(self.blocks):
             n = int(x.shape[1])
@@ -355,8 +372,15 @@ class VitSession:
         self.tokens_in, self.tokens_out, self.size, self.source = tokens_in, tokens_out, size, source
         return x
 
-    def _block(self, blk: Any, layer: int, x: torch.Tensor, size: Optional[torch.Tensor],
-               source: Optional[torch.Tensor], n_out: Optional[int]):
+    def _block(
+        self,
+        blk: Any,
+        layer: int,
+        x: torch.Tensor,
+        size: Optional[torch.Tensor],
+        source: Optional[torch.Tensor],
+        n_out: Optional[int],
+    ):
         """timm's ``Block.forward`` and ``Attention.forward`` with the reduction between attention and MLP.
         Identity modules (no layer scale, no drop path, dropout in eval) are skipped, not called."""
         attn = blk.attn
@@ -367,14 +391,15 @@ class VitSession:
         log_size = size[..., 0].log() if self.prop_attn and size is not None else None
         bias = None
         if log_size is not None and attn.fused_attn and self._channel_ok(attn, x):
-            # Proportional attention as one more key channel (see PROP_ATTN): q gets a constant 1/scale, k gets
-            # log(size), v zero; SDPA then runs the same bias-free kernel as the unreduced model.
+            # Proportional attention as one more key channel (see PROP_ATTN): q gets a constant 1/scale, k
+            # gets log(size), v zero; SDPA then runs the same bias-free kernel as the unreduced model.
             w, bb = self._padded_qkv(layer, attn)
             qkv = F.linear(h, w, bb).view(b, n, 3, heads, -1)
             qkv[:, :, 1, :, d] = log_size.unsqueeze(-1).to(qkv.dtype)
             qp, kp, vp = qkv.permute(2, 0, 3, 1, 4).unbind(0)
-            o = F.scaled_dot_product_attention(qp, kp, vp, scale=attn.scale,
-                                               dropout_p=attn.attn_drop.p if attn.training else 0.0)[..., :d]
+            o = F.scaled_dot_product_attention(
+                qp, kp, vp, scale=attn.scale, dropout_p=attn.attn_drop.p if attn.training else 0.0
+            )[..., :d]
             q, k = qp[..., :d], kp[..., :d]
         else:
             qkv = attn.qkv(h).reshape(b, n, 3, heads, d).permute(2, 0, 3, 1, 4)
@@ -383,8 +408,9 @@ class VitSession:
             if log_size is not None:
                 bias = log_size.to(q.dtype)[:, None, None, :]  # proportional attention, (B, 1, 1, N)
             if attn.fused_attn:
-                o = F.scaled_dot_product_attention(q, k, v, attn_mask=bias,
-                                                   dropout_p=attn.attn_drop.p if attn.training else 0.0)
+                o = F.scaled_dot_product_attention(
+                    q, k, v, attn_mask=bias, dropout_p=attn.attn_drop.p if attn.training else 0.0
+                )
             else:  # timm's explicit path
                 a = (q * attn.scale) @ k.transpose(-2, -1)
                 if bias is not None:
@@ -398,8 +424,18 @@ class VitSession:
         if n_out is not None:
             if log_size is not None and bias is None:
                 bias = log_size.to(q.dtype)[:, None, None, :]
-            ctx = LayerContext(layer=layer, depth=self.depth, n_prefix=self.n_prefix, n_out=n_out, q=q, k=k,
-                               scale=attn.scale, size=size, bias=bias, session=self)
+            ctx = LayerContext(
+                layer=layer,
+                depth=self.depth,
+                n_prefix=self.n_prefix,
+                n_out=n_out,
+                q=q,
+                k=k,
+                scale=attn.scale,
+                size=size,
+                bias=bias,
+                session=self,
+            )
             red = self.method.select(x, ctx)
             x, size, source = apply_reduction(red, x, size, source)
         return x + _call(blk.drop_path2, _call(blk.ls2, blk.mlp(blk.norm2(x)))), size, source
@@ -408,7 +444,11 @@ class VitSession:
         impl = PROP_ATTN
         if impl == "auto":
             impl = "channel" if x.is_cuda else "bias"
-        return impl == "channel" and type(attn.q_norm) is torch.nn.Identity and type(attn.k_norm) is torch.nn.Identity
+        return (
+            impl == "channel"
+            and type(attn.q_norm) is torch.nn.Identity
+            and type(attn.k_norm) is torch.nn.Identity
+        )
 
     def _padded_qkv(self, layer: int, attn: Any) -> tuple[torch.Tensor, torch.Tensor]:
         """The block's qkv projection with every head widened to a multiple of 8 channels (made once per

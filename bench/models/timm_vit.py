@@ -2,8 +2,8 @@
 models, and a tiny random one for tests and CPU demos.
 
 ``pretrained=true`` downloads timm's weights from the Hugging Face hub (the default a user wants for ImageNet
-accuracy); with no hub, ``checkpoint_path`` loads a local file, and the default ``pretrained=false`` builds the
-architecture with random weights (enough for speed and FLOPs, meaningless for accuracy).
+accuracy); with no hub, ``checkpoint_path`` loads a local file, and the default ``pretrained=false`` builds
+the architecture with random weights (enough for speed and FLOPs, meaningless for accuracy).
 
 How the model runs is part of its entry, and so of the run key: ``amp`` (autocast dtype; the ToMe protocol is
 float16 autocast over float32 weights on a GPU), ``execution`` (eager, ``torch.compile``, or CUDA graphs
@@ -42,15 +42,21 @@ class TimmViTSpec(ModelSpec):
     device: str = "auto"  # auto | cpu | cuda | cuda:N
     dtype: str = "float32"  # weight dtype: float32 | float16 | bfloat16 | auto
     amp: str = "auto"  # autocast dtype: auto (float16 on CUDA, off on CPU) | none | float16 | bfloat16
-    execution: str = "eager"  # eager | compile (torch.compile) | cuda_graph (captured per input shape, CUDA only)
-    fused_attn: bool = True  # timm's fused SDPA attention; false: its explicit softmax path (as the ToMe patch)
+    execution: str = (
+        "eager"  # eager | compile (torch.compile) | cuda_graph (captured per input shape, CUDA only)
+    )
+    fused_attn: bool = (
+        True  # timm's fused SDPA attention; false: its explicit softmax path (as the ToMe patch)
+    )
 
     def __post_init__(self) -> None:
         name = self.registered_name or type(self).__name__
         if self.amp not in AMP:
             raise TokenbenchError(f"{name}: unknown amp '{self.amp}' (use {', '.join(AMP)})")
         if self.execution not in EXECUTIONS:
-            raise TokenbenchError(f"{name}: unknown execution '{self.execution}' (use {', '.join(EXECUTIONS)})")
+            raise TokenbenchError(
+                f"{name}: unknown execution '{self.execution}' (use {', '.join(EXECUTIONS)})"
+            )
 
     def build(self, device: str, dtype: Any) -> Any:
         raise NotImplementedError
@@ -135,7 +141,9 @@ class TimmViT(TimmViTSpec):
         if self.checkpoint_path:
             kwargs["checkpoint_path"] = str(self.checkpoint_path)
         try:
-            return timm.create_model(self.model_name, pretrained=bool(self.pretrained), device=device, **kwargs)
+            return timm.create_model(
+                self.model_name, pretrained=bool(self.pretrained), device=device, **kwargs
+            )
         except TokenbenchError:
             raise
         except Exception as exc:
@@ -143,7 +151,8 @@ class TimmViT(TimmViTSpec):
                 raise TokenbenchError(
                     f"{self.registered_name}: could not load pretrained weights for {self.model_name} "
                     f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); without a hub, "
-                    "pass checkpoint_path=<file> or pretrained=false") from None
+                    "pass checkpoint_path=<file> or pretrained=false"
+                ) from None
             raise
 
 
@@ -192,11 +201,13 @@ class TinyViT(TimmViTSpec):
     def __post_init__(self) -> None:
         super().__post_init__()
         if self.img_size % self.patch_size:
-            raise TokenbenchError(f"tiny-vit: img_size ({self.img_size}) must be a multiple of patch_size "
-                                  f"({self.patch_size})")
+            raise TokenbenchError(
+                f"tiny-vit: img_size ({self.img_size}) must be a multiple of patch_size ({self.patch_size})"
+            )
         if self.embed_dim % self.num_heads:
-            raise TokenbenchError(f"tiny-vit: embed_dim ({self.embed_dim}) must be a multiple of num_heads "
-                                  f"({self.num_heads})")
+            raise TokenbenchError(
+                f"tiny-vit: embed_dim ({self.embed_dim}) must be a multiple of num_heads ({self.num_heads})"
+            )
         if self.distilled and not self.class_token:
             raise TokenbenchError("tiny-vit: a distilled model needs the class token")
         if self.global_pool == "token" and not self.class_token:
@@ -210,13 +221,26 @@ class TinyViT(TimmViTSpec):
         from timm.models.vision_transformer import VisionTransformer
 
         cls = VisionTransformerDistilled if self.distilled else VisionTransformer
-        return cls(img_size=self.img_size, patch_size=self.patch_size, embed_dim=self.embed_dim,
-                   depth=self.depth, num_heads=self.num_heads, num_classes=self.num_classes,
-                   class_token=self.class_token, reg_tokens=self.reg_tokens, global_pool=self.global_pool)
+        return cls(
+            img_size=self.img_size,
+            patch_size=self.patch_size,
+            embed_dim=self.embed_dim,
+            depth=self.depth,
+            num_heads=self.num_heads,
+            num_classes=self.num_classes,
+            class_token=self.class_token,
+            reg_tokens=self.reg_tokens,
+            global_pool=self.global_pool,
+        )
 
     def data_config(self, model: Any) -> dict[str, Any]:
         from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
-        return {"input_size": (3, self.img_size, self.img_size), "interpolation": "bicubic",
-                "mean": IMAGENET_DEFAULT_MEAN, "std": IMAGENET_DEFAULT_STD, "crop_pct": 0.875,
-                "crop_mode": "center"}
+        return {
+            "input_size": (3, self.img_size, self.img_size),
+            "interpolation": "bicubic",
+            "mean": IMAGENET_DEFAULT_MEAN,
+            "std": IMAGENET_DEFAULT_STD,
+            "crop_pct": 0.875,
+            "crop_mode": "center",
+        }

@@ -76,8 +76,12 @@ def timed(fn: Callable, x: torch.Tensor, warmup: int, iters: int, repeats: int, 
                     fn(x)
                 ms = (time.perf_counter() - t0) * 1e3
             rates.append(iters * x.shape[0] * 1e3 / ms)
-    return {"images_per_s": statistics.median(rates), "spread": max(rates) - min(rates), "rounds": rates,
-            "ms_per_batch": x.shape[0] * 1e3 / statistics.median(rates)}
+    return {
+        "images_per_s": statistics.median(rates),
+        "spread": max(rates) - min(rates),
+        "rounds": rates,
+        "ms_per_batch": x.shape[0] * 1e3 / statistics.median(rates),
+    }
 
 
 def set_fused(model: torch.nn.Module, fused: bool) -> None:
@@ -101,8 +105,13 @@ def measure(model, method, x, device, amp, execution: str, args) -> dict:
             model(x[:1])  # eager forward, so the session's token counts are fresh
             stats = session.stats(input_tokens(model))
             flops = count_flops(model, x[:1])
-    return {**res, "flops_per_image": flops, "tokens_per_layer": stats["tokens_per_layer"],
-            "achieved_keep_ratio": stats["achieved_keep_ratio"], "first_call_s": first_s}
+    return {
+        **res,
+        "flops_per_image": flops,
+        "tokens_per_layer": stats["tokens_per_layer"],
+        "achieved_keep_ratio": stats["achieved_keep_ratio"],
+        "first_call_s": first_s,
+    }
 
 
 def build(name: str, device: str, quick: bool):
@@ -113,8 +122,9 @@ def build(name: str, device: str, quick: bool):
     return MODELS.get(name).cls(**kw).load()
 
 
-def throughput_table(args, device: torch.device, deadline: float, compile_pass: bool = False,
-                     rows: Optional[list[dict]] = None) -> list[dict]:
+def throughput_table(
+    args, device: torch.device, deadline: float, compile_pass: bool = False, rows: Optional[list[dict]] = None
+) -> list[dict]:
     rows = [] if rows is None else rows
     for name in [args.ablate] if compile_pass else args.models:
         loaded = build(name, str(device), args.quick)
@@ -140,7 +150,9 @@ def throughput_table(args, device: torch.device, deadline: float, compile_pass: 
                 print(f"skip {name} {method_name} r={r} {execution}: out of time", flush=True)
                 continue
             method = METHODS.get(method_name, "vit").cls(**({"r": r} if r else {}))
-            attention = "fused" if fused is True else "explicit" if fused is False else "fused, attn_mask bias"
+            attention = (
+                "fused" if fused is True else "explicit" if fused is False else "fused, attn_mask bias"
+            )
             set_fused(model, fused is not False)
             vit_family.PROP_ATTN = "bias" if fused == "bias" else "auto"
             try:
@@ -151,11 +163,22 @@ def throughput_table(args, device: torch.device, deadline: float, compile_pass: 
             finally:
                 set_fused(model, True)
                 vit_family.PROP_ATTN = "auto"
-            row = {"model": name, "method": method_name, "r": r, "execution": execution,
-                   "attention": attention, "batch": args.batch, "error": err, "at_s": round(time.time() - T0, 1),
-                   **res}
+            row = {
+                "model": name,
+                "method": method_name,
+                "r": r,
+                "execution": execution,
+                "attention": attention,
+                "batch": args.batch,
+                "error": err,
+                "at_s": round(time.time() - T0, 1),
+                **res,
+            }
             rows.append(row)
-            print(json.dumps({k: v for k, v in row.items() if k not in ("rounds", "tokens_per_layer")}), flush=True)
+            print(
+                json.dumps({k: v for k, v in row.items() if k not in ("rounds", "tokens_per_layer")}),
+                flush=True,
+            )
             save(args, throughput=rows)
         if profile_point := next((p for p in args.profile if p[0] == name), None):
             if not compile_pass:
@@ -163,13 +186,51 @@ def throughput_table(args, device: torch.device, deadline: float, compile_pass: 
         del model, loaded
         if device.type == "cuda":
             torch.cuda.empty_cache()
-    base = {(r["model"]): r for r in rows if r["method"] == "none" and r["execution"] == "eager"
-            and r["attention"] == "fused" and not r["error"]}
+    base = {
+        (r["model"]): r
+        for r in rows
+        if r["method"] == "none"
+        and r["execution"] == "eager"
+        and r["attention"] == "fused"
+        and not r["error"]
+    }
     for r in rows:
         b = base.get(r["model"])
         if b and not r["error"]:
             r["speedup"] = r["images_per_s"] / b["images_per_s"]
             r["flop_ratio"] = r["flops_per_image"] / b["flops_per_image"]
+    return rows
+
+
+def flops_table(args, device: torch.device) -> list[dict]:
+    """FLOPs per image, token counts and keep ratio of every (model, method, r) point; no timing, any device."""
+    rows = []
+    for name in args.models:
+        loaded = build(name, str(device), args.quick)
+        model = loaded.model
+        x = torch.rand(1, *loaded.info["data_config"]["input_size"], device=device)
+        base = None
+        for method_name, r in [("none", 0)] + [
+            (m, r) for r in ([4] if args.quick else R_VALUES[name]) for m in METHOD_ORDER
+        ]:
+            method = METHODS.get(method_name, "vit").cls(**({"r": r} if r else {}))
+            with method.attach(model) as session, torch.inference_mode():
+                model(x)
+                flops = count_flops(model, x)
+                stats = session.stats(input_tokens(model))
+            base = flops if base is None else base
+            row = {
+                "model": name,
+                "method": method_name,
+                "r": r,
+                "flops_per_image": flops,
+                "flop_ratio": flops / base,
+                "tokens_per_layer": stats["tokens_per_layer"],
+                "achieved_keep_ratio": stats["achieved_keep_ratio"],
+            }
+            rows.append(row)
+            print(json.dumps(row), flush=True)
+        del model, loaded
     return rows
 
 
@@ -197,7 +258,7 @@ def rows_profile(args, model, amp, x, device, point) -> None:
 
 
 def write_images(root: Path, n: int, classes: int, size: int = 256) -> None:
-    """An ImageFolder of ``n`` random-content JPEGs (decoded once before the loop, so content is irrelevant)."""
+    """An ImageFolder of ``n`` random-content JPEGs (decoded once before the loop: content is irrelevant)."""
     import numpy as np
     from PIL import Image
 
@@ -231,11 +292,21 @@ def harness_overhead(args, device: torch.device, table: list[dict]) -> list[dict
         root = Path(tmp) / "images"
         write_images(root, n, classes=10)
         for name, method, r, execution in args.overhead:
-            overrides = [f"model={name}", f"model.device={device}", f"model.execution={execution}",
-                         f"method={method}", "task=imagenet",
-                         f"task.root={root}", "task.preload=true", f"task.batch_size={args.batch}",
-                         f"task.limit={n}", f"measure.warmup={args.warmup}", "wandb.mode=disabled",
-                         f"output_dir={Path(tmp) / 'runs'}", "progress=false"]
+            overrides = [
+                f"model={name}",
+                f"model.device={device}",
+                f"model.execution={execution}",
+                f"method={method}",
+                "task=imagenet",
+                f"task.root={root}",
+                "task.preload=true",
+                f"task.batch_size={args.batch}",
+                f"task.limit={n}",
+                f"measure.warmup={args.warmup}",
+                "wandb.mode=disabled",
+                f"output_dir={Path(tmp) / 'runs'}",
+                "progress=false",
+            ]
             if name == "tiny-vit":
                 overrides += ["model.img_size=64", "model.patch_size=8"]
             if r:
@@ -243,12 +314,30 @@ def harness_overhead(args, device: torch.device, table: list[dict]) -> list[dict
             with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
                 cfg = compose(config_name="config", overrides=overrides)
             rec = execute(plan(cfg), progress=False)
-            bare = next((t for t in table if t["model"] == name and t["method"] == method and t["r"] == r
-                         and t["execution"] == execution and t["attention"] == "fused" and not t["error"]), None)
-            row = {"model": name, "method": method, "r": r, "execution": execution, "n_images": rec.n_samples,
-                   "loop_images_per_s": rec.extra.get("stream_images_per_s"),
-                   "timed_forward_images_per_s": rec.latency.get("images_per_s"),
-                   "bare_images_per_s": bare["images_per_s"] if bare else None, "status": rec.status}
+            bare = next(
+                (
+                    t
+                    for t in table
+                    if t["model"] == name
+                    and t["method"] == method
+                    and t["r"] == r
+                    and t["execution"] == execution
+                    and t["attention"] == "fused"
+                    and not t["error"]
+                ),
+                None,
+            )
+            row = {
+                "model": name,
+                "method": method,
+                "r": r,
+                "execution": execution,
+                "n_images": rec.n_samples,
+                "loop_images_per_s": rec.extra.get("stream_images_per_s"),
+                "timed_forward_images_per_s": rec.latency.get("images_per_s"),
+                "bare_images_per_s": bare["images_per_s"] if bare else None,
+                "status": rec.status,
+            }
             if row["bare_images_per_s"] and row["loop_images_per_s"]:
                 row["loop_vs_bare"] = row["loop_images_per_s"] / row["bare_images_per_s"]
             out.append(row)
@@ -260,47 +349,78 @@ def markdown(rows: list[dict], overhead: list[dict], env: dict) -> str:
     def f(v: Any, spec: str) -> str:
         return "—" if v is None or (isinstance(v, float) and math.isnan(v)) else format(v, spec)
 
-    lines = [f"Device: {env['gpu']} · torch {env['torch']} · timm {env['timm']} · batch {env['batch']} · "
-             f"{env['precision']} · random weights", ""]
-    lines += ["| model | method | r | im/s (median ± spread) | speedup | GFLOPs/img | FLOP ratio | ceiling 1/FLOP ratio "
-              "| keep ratio |", "|---|---|---:|---:|---:|---:|---:|---:|---:|"]
+    lines = [
+        f"Device: {env['gpu']} · torch {env['torch']} · timm {env['timm']} · batch {env['batch']} · "
+        f"{env['precision']} · random weights",
+        "",
+    ]
+    lines += [
+        "| model | method | r | im/s (median ± spread) | speedup | GFLOPs/img | FLOP ratio "
+        "| ceiling 1/FLOP ratio | keep ratio |",
+        "|---|---|---:|---:|---:|---:|---:|---:|---:|",
+    ]
     for r in rows:
         if r["execution"] != "eager" or r["attention"] != "fused":
             continue
         if r["error"]:
-            lines.append(f"| {LABEL[r['model']]} | {r['method']} | {r['r']} | failed: {r['error'][:80]} | | | | | |")
+            lines.append(
+                f"| {LABEL[r['model']]} | {r['method']} | {r['r']} | failed: {r['error'][:80]} | | | | | |"
+            )
             continue
         fr = r.get("flop_ratio")
-        lines.append(f"| {LABEL[r['model']]} | {r['method']} | {r['r'] or '—'} | "
-                     f"{f(r['images_per_s'], '.0f')} ± {f(r['spread'], '.0f')} | {f(r.get('speedup'), '.2f')}× | "
-                     f"{f(r['flops_per_image'] / 1e9, '.2f')} | {f(fr, '.3f')} | "
-                     f"{f(1 / fr if fr else None, '.2f')}× | {f(r['achieved_keep_ratio'], '.3f')} |")
+        lines.append(
+            f"| {LABEL[r['model']]} | {r['method']} | {r['r'] or '—'} | "
+            f"{f(r['images_per_s'], '.0f')} ± {f(r['spread'], '.0f')} | {f(r.get('speedup'), '.2f')}× | "
+            f"{f(r['flops_per_image'] / 1e9, '.2f')} | {f(fr, '.3f')} | "
+            f"{f(1 / fr if fr else None, '.2f')}× | {f(r['achieved_keep_ratio'], '.3f')} |"
+        )
     extra = [r for r in rows if r["execution"] != "eager" or r["attention"] != "fused"]
     if extra:
-        lines += ["", "What each ingredient contributes (speedup against the eager timm baseline with fused attention):",
-                  "", "| model | method | r | execution | attention | im/s | speedup | first call (s) |",
-                  "|---|---|---:|---|---|---:|---:|---:|"]
-        for r in [r for r in rows if r["method"] in ("none", "tome") and r["model"] in {e["model"] for e in extra}]:
-            if r["execution"] == "eager" and r["attention"] == "fused" and r["method"] == "tome" and \
-                    r["r"] != max(x["r"] for x in extra if x["model"] == r["model"]):
+        lines += [
+            "",
+            "What each ingredient contributes (speedup against the eager timm baseline, fused attention):",
+            "",
+            "| model | method | r | execution | attention | im/s | speedup | first call (s) |",
+            "|---|---|---:|---|---|---:|---:|---:|",
+        ]
+        for r in [
+            r for r in rows if r["method"] in ("none", "tome") and r["model"] in {e["model"] for e in extra}
+        ]:
+            if (
+                r["execution"] == "eager"
+                and r["attention"] == "fused"
+                and r["method"] == "tome"
+                and r["r"] != max(x["r"] for x in extra if x["model"] == r["model"])
+            ):
                 continue
             if r["error"]:
-                lines.append(f"| {LABEL[r['model']]} | {r['method']} | {r['r'] or '—'} | {r['execution']} | "
-                             f"{r['attention']} | failed: {r['error'][:60]} | | |")
+                lines.append(
+                    f"| {LABEL[r['model']]} | {r['method']} | {r['r'] or '—'} | {r['execution']} | "
+                    f"{r['attention']} | failed: {r['error'][:60]} | | |"
+                )
                 continue
-            lines.append(f"| {LABEL[r['model']]} | {r['method']} | {r['r'] or '—'} | {r['execution']} | "
-                         f"{r['attention']} | {f(r['images_per_s'], '.0f')} | {f(r.get('speedup'), '.2f')}× | "
-                         f"{f(r.get('first_call_s'), '.1f')} |")
+            lines.append(
+                f"| {LABEL[r['model']]} | {r['method']} | {r['r'] or '—'} | {r['execution']} | "
+                f"{r['attention']} | {f(r['images_per_s'], '.0f')} | {f(r.get('speedup'), '.2f')}× | "
+                f"{f(r.get('first_call_s'), '.1f')} |"
+            )
     if overhead:
-        lines += ["", "Harness overhead: the imagenet task through `tokenbench.run.execute` (images decoded before the "
-                  "loop) against the bare model:", "",
-                  "| model | method | r | execution | images | loop im/s | bare model im/s | loop / bare "
-                  "| timed-forward im/s |", "|---|---|---:|---|---:|---:|---:|---:|---:|"]
+        lines += [
+            "",
+            "Harness overhead: the imagenet task through `tokenbench.run.execute` (images decoded before the "
+            "loop) against the bare model:",
+            "",
+            "| model | method | r | execution | images | loop im/s | bare model im/s | loop / bare "
+            "| timed-forward im/s |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|",
+        ]
         for o in overhead:
-            lines.append(f"| {LABEL[o['model']]} | {o['method']} | {o['r'] or '—'} | {o['execution']} | "
-                         f"{o['n_images']} | "
-                         f"{f(o['loop_images_per_s'], '.0f')} | {f(o['bare_images_per_s'], '.0f')} | "
-                         f"{f(o.get('loop_vs_bare'), '.3f')} | {f(o['timed_forward_images_per_s'], '.0f')} |")
+            lines.append(
+                f"| {LABEL[o['model']]} | {o['method']} | {o['r'] or '—'} | {o['execution']} | "
+                f"{o['n_images']} | "
+                f"{f(o['loop_images_per_s'], '.0f')} | {f(o['bare_images_per_s'], '.0f')} | "
+                f"{f(o.get('loop_vs_bare'), '.3f')} | {f(o['timed_forward_images_per_s'], '.0f')} |"
+            )
     return "\n".join(lines) + "\n"
 
 
@@ -317,14 +437,23 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--compile", action="store_true", help="include torch.compile in the ablation (last)")
     ap.add_argument("--no-graphs", dest="graphs", action="store_false", help="skip the CUDA-graph points")
     ap.add_argument("--profile", default="vit-b16:tome:16", help="model:method:r to profile ('' to skip)")
-    ap.add_argument("--overhead", default="vit-b16:none:0,vit-b16:tome:16,vit-b16:tome:16:cuda_graph,vit-s16:none:0",
-                    help="model:method:r[:execution] points of the harness-overhead measurement ('' to skip)")
+    ap.add_argument(
+        "--overhead",
+        default="vit-b16:none:0,vit-b16:tome:16,vit-b16:tome:16:cuda_graph,vit-s16:none:0",
+        help="model:method:r[:execution] points of the harness-overhead measurement ('' to skip)",
+    )
     ap.add_argument("--overhead-batches", type=int, default=16)
     ap.add_argument("--budget-s", type=float, default=420, help="skip compile points after this many seconds")
-    ap.add_argument("--quick", action="store_true", help="tiny model, small batch: checks the script on a CPU")
+    ap.add_argument(
+        "--flops-only", action="store_true", help="FLOPs and token counts only (no timing; CPU is fine)"
+    )
+    ap.add_argument(
+        "--quick", action="store_true", help="tiny model, small batch: checks the script on a CPU"
+    )
     args = ap.parse_args(argv)
     start = time.time()
     args.models = [m for m in args.models.split(",") if m]
+
     def point(p: str) -> tuple:
         parts = p.split(":")
         return (parts[0], parts[1], int(parts[2]), parts[3] if len(parts) > 3 else "eager")
@@ -337,16 +466,29 @@ def main(argv: Optional[list[str]] = None) -> int:
         args.overhead = [("tiny-vit", "none", 0, "eager"), ("tiny-vit", "tome", 4, "eager")]
         args.profile = [("tiny-vit", "tome", 4)]
     device = torch.device(args.device)
-    # cuDNN picks its convolution algorithm by timing (as timm's benchmark.py does): with its default heuristic
-    # the 16x16/16 patch-embedding convolution took ~2 ms of a ~28 ms ViT-B/16 batch on the H200
+    # cuDNN picks its convolution algorithm by timing (as timm's benchmark.py does): with its default
+    # heuristic the 16x16/16 patch-embedding convolution took ~2 ms of a ~28 ms ViT-B/16 batch on the H200
     torch.backends.cudnn.benchmark = True
     import timm
 
-    env = {"gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
-           "torch": torch.__version__, "timm": timm.__version__, "batch": args.batch,
-           "precision": "float16 autocast, float32 weights" if device.type == "cuda" else "float32",
-           "warmup": args.warmup, "iters": args.iters, "repeats": args.repeats}
+    env = {
+        "gpu": torch.cuda.get_device_name(device) if device.type == "cuda" else platform.processor() or "cpu",
+        "torch": torch.__version__,
+        "timm": timm.__version__,
+        "batch": args.batch,
+        "precision": "float16 autocast, float32 weights" if device.type == "cuda" else "float32",
+        "warmup": args.warmup,
+        "iters": args.iters,
+        "repeats": args.repeats,
+    }
     out = Path(args.out)
+    if args.flops_only:
+        rows = flops_table(args, device)
+        (out / "vit_flops.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "vit_flops.json").write_text(
+            json.dumps({"env": {k: env[k] for k in ("torch", "timm")}, "flops": rows}, indent=1)
+        )
+        return 0
     save(args, env=env)
     # the first model's table, then the harness overhead (which compares with it), then the other models
     first, rest = args.models[:1], args.models[1:]
