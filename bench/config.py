@@ -16,6 +16,7 @@ class MeasureSettings:
     warmup: int = 1  # untimed generations on the first sample before measuring
     repeats: int = 1  # timed repeats per sample; the median is recorded, the spread next to it
     fixed_output_tokens: int = 16  # time per output token is measured over this many decode steps, EOS ignored
+    batch_size: int = 1  # samples generated together (kv: one left-padded batch); a task's own batch_size wins
     cuda_graph: bool = True  # on CUDA, replay decode steps from a captured CUDA graph (static-shape cache)
     fuse_kernels: bool = False  # torch.compile the decoder's elementwise glue (RMSNorm, RoPE, MLP activation)
 

@@ -43,6 +43,7 @@ from __future__ import annotations
 import inspect
 import logging
 from dataclasses import dataclass, field
+from collections.abc import Iterator
 from typing import Any, Optional
 
 import torch
@@ -399,8 +400,24 @@ class LMRunner:
     # --- one sample, measured --------------------------------------------------------------------------
 
     def run(self, sample: Any, use_chat_template: bool = True) -> GenerationOutput:
-        prompt = self.build_prompt(sample, use_chat_template)
-        max_new = max(1, int(getattr(sample, "max_new_tokens", 32) or 1))
+        return self.run_many([sample], [use_chat_template])[0]
+
+    def run_batches(self, task: Any, chunks: list[list[Any]]) -> Iterator[list[GenerationOutput]]:
+        """The pipeline's batched interface (``measure.batch_size``): one left-padded generation per chunk.
+        A sample's ``meta["chat_template"]`` overrides the task's ``chat_template``."""
+        default = getattr(task, "chat_template", True)
+        for chunk in chunks:
+            flags = [default if s.meta.get("chat_template") is None else bool(s.meta["chat_template"])
+                     for s in chunk]
+            yield self.run_many(chunk, flags)
+
+    def run_many(self, samples: list[Any], chat: list[bool]) -> list[GenerationOutput]:
+        """Generate for several samples as one left-padded batch and measure it; one output per sample
+        (latency and memory are the batch's, ``compression["batch_size"]`` says how many rows shared them)."""
+        prompts = [self.build_prompt(s, c) for s, c in zip(samples, chat)]
+        prompt = prompts[0] if len(prompts) == 1 else Prompt.batch(prompts)
+        limits = [max(1, int(getattr(s, "max_new_tokens", 32) or 1)) for s in samples]
+        max_new = max(limits)
         fixed = max(0, int(self.measure.fixed_output_tokens))
         if not self._warmed:
             for _ in range(max(0, int(self.measure.warmup))):
@@ -418,22 +435,44 @@ class LMRunner:
             vals = [p[key] for p in peaks if p[key] is not None]
             return max(vals) if vals else None
 
-        n_gen = g.lengths[0]
-        ids = g.tokens[0, :n_gen].tolist()
-        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
-        return GenerationOutput(
-            text=text,
-            n_prompt_tokens=prompt.n_prompt,
-            n_context_tokens=prompt.n_context,
-            n_generated=n_gen,
-            latency=summarize_repeats([x.latency for x in gens]),
-            memory={
-                "peak_allocated": worst("peak_allocated"),
-                "peak_reserved": worst("peak_reserved"),
-                "kv_cache_bytes": g.kv_cache_bytes,
-                "kv_cache_bytes_used": g.compression.get("kv_cache_bytes_used"),
-                "kv_cache_bytes_end": g.kv_cache_bytes_end,
-            },
-            compression=g.compression,
-            token_ids=ids,
-        )
+        latency = summarize_repeats([x.latency for x in gens])
+        memory = {
+            "peak_allocated": worst("peak_allocated"),
+            "peak_reserved": worst("peak_reserved"),
+            "kv_cache_bytes": g.kv_cache_bytes,
+            "kv_cache_bytes_used": g.compression.get("kv_cache_bytes_used"),
+            "kv_cache_bytes_end": g.kv_cache_bytes_end,
+        }
+        outs = []
+        for row, (p, limit) in enumerate(zip(prompts, limits)):
+            n_gen = min(g.lengths[row], limit)
+            ids = g.tokens[row, :n_gen].tolist()
+            outs.append(GenerationOutput(
+                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                n_prompt_tokens=p.n_prompt,
+                n_context_tokens=p.n_context,
+                n_generated=n_gen,
+                latency=dict(latency),
+                memory=dict(memory),
+                compression=_row_stats(g.compression, row, len(prompts)),
+                token_ids=ids,
+            ))
+        return outs
+
+
+def _row_stats(stats: dict[str, Any], row: int, batch: int) -> dict[str, Any]:
+    """One row's view of a batch's compression record."""
+    if batch == 1:
+        return dict(stats)
+    out = dict(stats)
+    for key in ("context_tokens", "kept_tokens", "decode_capacity"):
+        if isinstance(stats.get(key), list):
+            out[key] = stats[key][row]
+    per_layer = stats.get("kept_tokens_per_layer_row") or []
+    out["kept_tokens_per_layer"] = [layer[row] for layer in per_layer]
+    out.pop("kept_tokens_per_layer_row", None)
+    seg = out.get("context_tokens")
+    if per_layer and seg:
+        out["achieved_keep_ratio"] = sum(k / seg for k in out["kept_tokens_per_layer"]) / len(per_layer)
+    out["batch_size"], out["batch_row"] = batch, row
+    return out

@@ -23,9 +23,13 @@ log = logging.getLogger(__name__)
 STATUSES = ("ok", "failed", "oom", "timeout")
 
 
-def run_key(model: dict, method: dict, task: dict) -> str:
-    """Hash of the resolved model/method/task config: equal configs share a run directory."""
-    payload = json.dumps({"model": model, "method": method, "task": task}, sort_keys=True, default=str)
+def run_key(model: dict, method: dict, task: dict, batch_size: int = 1) -> str:
+    """Hash of the resolved model/method/task config: equal configs share a run directory. A batch size
+    other than 1 changes what is measured (rows share a generation), so it gets its own key."""
+    key: dict[str, Any] = {"model": model, "method": method, "task": task}
+    if int(batch_size) != 1:
+        key["batch_size"] = int(batch_size)
+    payload = json.dumps(key, sort_keys=True, default=str)
     return hashlib.sha256(payload.encode()).hexdigest()[:16]
 
 

@@ -64,9 +64,15 @@ def plan(cfg: DictConfig) -> RunPlan:
     method = registry.build("method", method_cfg, family)
     task = registry.build("task", task_cfg)
     key = run_key(registry.key_fields("model", model_cfg), registry.key_fields("method", method_cfg, family),
-                  registry.key_fields("task", task_cfg))
+                  registry.key_fields("task", task_cfg), _batch_size(cfg, task))
     return RunPlan(cfg, family, model_spec, method, task, model_cfg, method_cfg, task_cfg, key,
                    Path(cfg.output_dir) / key)
+
+
+def _batch_size(cfg: DictConfig, task: Any = None) -> int:
+    """Samples run together: the task's own ``batch_size`` (images) or ``measure.batch_size``."""
+    own = getattr(task, "batch_size", None) if task is not None else None
+    return 1 if own is not None else int(cfg.get("measure", {}).get("batch_size", 1) or 1)
 
 
 def record_invalid(cfg: DictConfig, error: str) -> Path | None:
@@ -245,9 +251,10 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
         if hasattr(runner, "run_batches") and run_one is None:
             # Batched runners take the samples in chunks of the task's batch size and yield one chunk's
             # outputs at a time (they may run the next chunk while this loop records the previous one).
-            size = max(1, int(getattr(p.task, "batch_size", 1) or 1))
+            size = max(1, int(getattr(p.task, "batch_size", 0) or _batch_size(p.cfg)))
             chunks = [todo[i:i + size] for i in range(0, len(todo), size)]
-            with contextlib.closing(runner.run_batches(p.task, [[s for _, s in c] for c in chunks])) as stream:
+            batches = [[s for _, s in c] for c in chunks]
+            with contextlib.closing(runner.run_batches(p.task, batches)) as stream:
                 for i, outs in enumerate(stream):  # the stream ends itself (its closing work runs)
                     sample_log.extend([row(idx, sample, out) for (idx, sample), out in zip(chunks[i], outs)])
                     bar.update(len(chunks[i]))
@@ -302,6 +309,7 @@ def execute(p: RunPlan, *, progress: bool = True) -> ResultRecord:
                "model_load_s": load_s, "model_reused": reused,
                "model_source": getattr(loaded, "source", None),
                "query_aware": getattr(p.method, "query_aware", None),
+               "batch_size": int(getattr(p.task, "batch_size", 0) or _batch_size(p.cfg)),
                **(runner.summary() if hasattr(runner, "summary") else {})},
     )
     write_json_atomic(p.run_dir / "result.json", record.to_dict())

@@ -269,3 +269,25 @@ def test_method_of_another_family_fails_before_loading(tmp_path: Path) -> None:
     works = lines[0].split("Methods that work here: ")[1].split(", ")
     assert {"none", "random", "streaming_llm"} <= set(works) and "fake_vit_merge" not in works
     assert not out.exists()
+
+
+def test_batched_generation_records_every_sample_like_single_runs(tmp_path: Path) -> None:
+    """measure.batch_size=3: samples of different lengths go through as left-padded batches; the run has its
+    own key, every sample gets its row with its own compression record, predictions equal batch-1 runs."""
+    out = tmp_path / "res"
+    args = [*TINY, "method=snapkv", "method.keep_ratio=0.5"]
+    assert tokenbench(*args, out=out).returncode == 0
+    proc = tokenbench(*args, "measure.batch_size=3", out=out)
+    assert proc.returncode == 0, proc.stderr
+    dirs = run_dirs(out)
+    assert len(dirs) == 2  # batch size 3 is its own run
+    by_batch = {record(d)["extra"]["batch_size"]: d for d in dirs}
+    single, batched = ([json.loads(x) for x in (by_batch[b] / "samples.jsonl").read_text().splitlines()]
+                       for b in (1, 3))
+    assert [r["sample_id"] for r in batched] == [r["sample_id"] for r in single]
+    for a, b in zip(single, batched):
+        assert b["prediction"] == a["prediction"]
+        assert b["compression"]["batch_size"] == 3 and "batch_size" not in a["compression"]
+        assert b["compression"]["kept_tokens"] == a["compression"]["kept_tokens"]
+        assert b["n_context_tokens"] == a["n_context_tokens"]
+    assert record(by_batch[3])["n_samples"] == 6
