@@ -13,9 +13,20 @@ class Method:
     family: ClassVar[str] = ""
     registered_name: ClassVar[str] = ""
 
+    def __post_init__(self) -> None:
+        self.validate()
+
     @property
     def name(self) -> str:
         return self.registered_name
+
+    @property
+    def label(self) -> str:
+        """The name for messages: the registered name, else the class name."""
+        return self.name or type(self).__name__
+
+    def validate(self) -> None:
+        """Raise ``TokenbenchError`` (one line) on bad parameters; runs at construction. Families extend it."""
 
     def nominal_budget(self) -> dict[str, Any]:
         """The budget as configured (e.g. ``{"keep_ratio": 0.5}``), recorded next to the achieved one."""

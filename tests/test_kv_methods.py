@@ -74,6 +74,13 @@ def gen(loaded, method, p: Prompt, n: int = 6, logits: bool = True):
     return LMRunner(loaded, method, MeasureSettings(warmup=0)).generate(p, n, n, return_logits=logits)
 
 
+def assert_same_generation(a, b, tol: float = 1e-4) -> None:
+    """Same tokens, logits equal within ``tol`` at every step (both generated with return_logits)."""
+    assert torch.equal(a.tokens, b.tokens)
+    for x, y in zip(a.logits, b.logits):
+        torch.testing.assert_close(x, y, atol=tol, rtol=tol)
+
+
 def per_token_bytes(loaded, batch: int = 1) -> int:
     """Bytes one cached token costs in one layer (keys + values, all KV heads, float32)."""
     cfg = loaded.model.config
@@ -495,9 +502,7 @@ def test_prefill_in_row_groups_equals_one_batch(loaded, cls) -> None:
     runner = LMRunner(loaded, m, MeasureSettings(warmup=0))
     whole = runner.generate(p, 6, 6, return_logits=True)
     rows = runner.generate(p, 6, 6, return_logits=True, prefill_rows=1)
-    assert torch.equal(whole.tokens, rows.tokens)
-    for a, b in zip(whole.logits, rows.logits):
-        torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+    assert_same_generation(whole, rows)
     assert rows.compression["kept_tokens"] == whole.compression["kept_tokens"]
     assert rows.compression["achieved_keep_ratio"] == pytest.approx(whole.compression["achieved_keep_ratio"])
 
@@ -511,10 +516,7 @@ def test_sdpa_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
     p = Prompt.batch(ragged(15, [40, 27], [6, 6]))
     ref = gen(loaded, m, p)
     monkeypatch.setattr(kv_attention, "DECODE_BACKEND", "sdpa")
-    out = gen(loaded, m, p)
-    assert torch.equal(out.tokens, ref.tokens)
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_generation(gen(loaded, m, p), ref, tol=1e-5)
 
 
 def test_fused_kernels_keep_the_numerics(loaded_sdpa) -> None:
@@ -527,10 +529,7 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa) -> None:
     fused_lm = copy.deepcopy(loaded_sdpa)
     runner = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True))
     assert runner.fused["rms_norm"] == 5 and runner.fused["mlp"] == 2  # 2 layers x 2 norms + final; 2 MLPs
-    out = runner.generate(p, 6, 6, return_logits=True)
-    assert torch.equal(out.tokens, ref.tokens)
-    for a, b in zip(out.logits, ref.logits):
-        torch.testing.assert_close(a, b, atol=1e-5, rtol=1e-5)
+    assert_same_generation(runner.generate(p, 6, 6, return_logits=True), ref, tol=1e-5)
 
 
 def test_merge_keeps_method_state_of_groups_that_never_evicted(loaded) -> None:
@@ -543,7 +542,4 @@ def test_merge_keeps_method_state_of_groups_that_never_evicted(loaded) -> None:
         p = Prompt.batch(ragged(17, lengths, [6, 6]))
         runner = LMRunner(loaded, m, MeasureSettings(warmup=0))
         whole = runner.generate(p, 6, 6, return_logits=True)
-        rows = runner.generate(p, 6, 6, return_logits=True, prefill_rows=1)
-        assert torch.equal(whole.tokens, rows.tokens)
-        for a, b in zip(whole.logits, rows.logits):
-            torch.testing.assert_close(a, b, atol=1e-4, rtol=1e-4)
+        assert_same_generation(whole, runner.generate(p, 6, 6, return_logits=True, prefill_rows=1))

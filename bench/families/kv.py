@@ -211,14 +211,7 @@ class KVMethod(Method):
     phase: Optional[str] = None  # when to evict: prefill | decode | both; None = the method's default_phase
     head_allocation: str = "uniform"  # uniform: every KV head keeps the budget; adaptive: Ada-KV allocation
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    # --- configuration -------------------------------------------------------------------------------
-
-    @property
-    def label(self) -> str:
-        return self.name or type(self).__name__
+    # --- configuration ---------------------------------------------------------------------------------
 
     def validate(self) -> None:
         """Raise ``TokenbenchError`` (one line) on a bad budget, phase or allocation. Subclasses extend it."""

@@ -158,13 +158,6 @@ class VisionTokenReducer(Method):
     )
     trace_source: bool = False  # keep the source map (which input patches each token holds) for visualisation
 
-    def __post_init__(self) -> None:
-        self.validate()
-
-    @property
-    def label(self) -> str:
-        return self.name or type(self).__name__
-
     def validate(self) -> None:
         """Raise ``TokenbenchError`` (one line) on a bad budget. Subclasses extend it."""
         if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
