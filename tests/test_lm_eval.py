@@ -50,8 +50,8 @@ def test_default_is_the_offline_demo_task() -> None:
     task = LMEval()
     samples = task.samples(LoadedModel(model=None, tokenizer=tiny_tokenizer()))
     assert [s.id for s in samples] == [f"tokenbench_capitals/{i}" for i in range(10)]
-    assert samples[0].context == "Q: What is the capital of France?\nA:" and samples[0].answer == "Paris"
-    assert samples[0].max_new_tokens == 8 and samples[0].meta["request_type"] == "generate_until"
+    assert samples[0].context == "The capital of France is" and samples[0].answer == "Paris"
+    assert samples[0].max_new_tokens == 5 and samples[0].meta["request_type"] == "generate_until"
     assert task.score(samples[0], " paris.") == {"tokenbench_capitals/exact_match": 1.0}
     assert task.score(samples[0], "Lyon") == {"tokenbench_capitals/exact_match": 0.0}
 
@@ -261,3 +261,22 @@ def test_a_kv_method_changes_the_log_likelihoods(tmp_path: Path) -> None:
                 (Path(rec.run_dir) / "samples.jsonl").read_text().splitlines()]
 
     assert preds(full) != preds(evicted)  # the few-shot context was compressed before scoring
+
+
+@pytest.mark.real_model
+def test_smollm2_end_to_end_on_the_demo_and_a_multiple_choice_task(tmp_path: Path) -> None:
+    from tokenbench.run import execute as run_execute
+    from tokenbench.run import plan
+
+    registry.load_all()
+    store_base_config()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=smollm2-135m", "method=none", "task=lm_eval", f"task.include_path={TASKS_DIR}",
+            "task.tasks=[tokenbench_capitals,tb_test_mc]", "task.limit=4", f"output_dir={tmp_path}",
+            "wandb.mode=disabled", "measure.warmup=0", "measure.fixed_output_tokens=2"])
+    rec = run_execute(plan(cfg), progress=False)
+    assert rec.status == "ok" and rec.n_samples == 8
+    assert set(rec.metrics) == {"tokenbench_capitals/exact_match", "tb_test_mc/acc", "tb_test_mc/acc_norm"}
+    # Measured on the 2-core CPU: capitals 4/4 (Paris, Berlin, Rome, Madrid); the floor allows one miss.
+    assert rec.metrics["tokenbench_capitals/exact_match"] >= 0.75

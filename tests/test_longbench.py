@@ -366,3 +366,37 @@ def test_hub_reads_the_official_data_zip(monkeypatch, tmp_path: Path, loaded: Lo
 def test_score_of_a_plain_sample_without_meta() -> None:
     s = Sample(id="passage_retrieval_zh/x", answer=["段落3"])
     assert LongBench().score(s, "段落3") == {"score": 1.0}
+
+
+# --- real model ----------------------------------------------------------------------------------------
+
+
+@needs_data
+@pytest.mark.real_model
+def test_smollm2_end_to_end_on_two_real_tasks(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct, full cache, one sample of each short-answer task, prompts cut to 512 tokens."""
+    from hydra import compose, initialize_config_dir
+
+    from tokenbench import registry
+    from tokenbench.cli import CONF_DIR
+    from tokenbench.config import store_base_config
+    from tokenbench.run import execute, plan
+
+    registry.load_all()
+    store_base_config()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=smollm2-135m", "method=none", "task=longbench", f"task.data_dir={DATA}",
+            "task.tasks=[multifieldqa_zh,passage_retrieval_zh]", "task.limit=1", "task.max_length=512",
+            f"output_dir={tmp_path}", "wandb.mode=disabled", "measure.warmup=0", "measure.fixed_output_tokens=2"])
+    rec = execute(plan(cfg), progress=False)
+    assert rec.status == "ok" and rec.n_samples == 2
+    assert {"avg", "score", "multifieldqa_zh", "passage_retrieval_zh", "avg@single_doc_qa", "avg@synthetic"} <= set(
+        rec.metrics)
+    assert 0.0 <= rec.metrics["avg"] <= 100.0
+    rows = [json.loads(line) for line in (Path(rec.run_dir) / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        assert r["meta"]["truncated"] and r["meta"]["chat_template"] is True
+        # the cut prompt (512 tokens) plus SmolLM2's chat template (system prompt and turn markers)
+        assert 512 < r["n_prompt_tokens"] < 512 + 40
+        assert r["n_generated"] <= {"multifieldqa_zh": 64, "passage_retrieval_zh": 32}[r["meta"]["dataset"]]

@@ -278,3 +278,35 @@ def test_aggregate() -> None:
     assert out["avg"] == 48.34  # (66.67 + 30) / 2 = 48.335, rounded half to even in binary: 48.34
     assert out["avg@len1024"] == 45.0 and out["avg@len2048"] == 60.0
     assert out["string_match_all"] == pytest.approx(2.6 / 5) and out["string_match_part"] == pytest.approx(1.0 * 4 / 5)
+
+
+# --- real model ----------------------------------------------------------------------------------------
+
+
+@pytest.mark.real_model
+def test_smollm2_end_to_end_niah_and_vt(tmp_path: Path) -> None:
+    """SmolLM2-135M-Instruct, full cache: niah_single_1 and vt at 1024 tokens, two samples each."""
+    import json
+
+    from hydra import compose, initialize_config_dir
+
+    from tokenbench import registry
+    from tokenbench.cli import CONF_DIR
+    from tokenbench.config import store_base_config
+    from tokenbench.run import execute, plan
+
+    registry.load_all()
+    store_base_config()
+    with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+        cfg = compose(config_name="config", overrides=[
+            "model=smollm2-135m", "method=none", "task=ruler", "task.tasks=[niah_single_1,vt]", "task.lengths=[1024]",
+            "task.num_samples=2", f"output_dir={tmp_path}", "wandb.mode=disabled", "measure.warmup=0",
+            "measure.fixed_output_tokens=2"])
+    rec = execute(plan(cfg), progress=False)
+    assert rec.status == "ok" and rec.n_samples == 4
+    assert {"avg", "niah_single_1", "vt", "niah_single_1@len1024", "avg@len1024", "string_match_all"} <= set(rec.metrics)
+    rows = [json.loads(line) for line in (Path(rec.run_dir) / "samples.jsonl").read_text().splitlines()]
+    for r in rows:
+        # the task built the chat prompt itself; the runner tokenised it as it stands
+        assert r["n_prompt_tokens"] == r["meta"]["prompt_tokens"]
+        assert r["n_prompt_tokens"] + {"niah_single_1": 128, "vt": 30}[r["meta"]["task"]] <= 1024
