@@ -12,6 +12,9 @@ reader of a result) knows exactly what a number means.
 - ``rouge1_recall``: ROUGE-1 recall of the reference's unigrams in the prediction with clipped counts,
   ``sum_w min(count_pred(w), count_ref(w)) / len(ref)``, on ``normalize_tokens`` (no stemming, no stopword
   removal). 0.0 when the reference has no tokens.
+- ``answer_prefix``: partial credit for a retrieval answer recalled only in part: the longest prefix of the
+  (whitespace-normalised) answer that occurs anywhere in the prediction, as a fraction of the answer's length
+  (``"... is 719."`` for ``7192846`` scores 3/7). 1.0 exactly when ``contains_answer`` is 1.0.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from __future__ import annotations
 import unicodedata
 from collections import Counter
 
-__all__ = ["normalize_whitespace", "normalize_tokens", "contains_answer", "rouge1_recall"]
+__all__ = ["normalize_whitespace", "normalize_tokens", "contains_answer", "rouge1_recall", "answer_prefix"]
 
 
 def normalize_whitespace(text: str) -> str:
@@ -56,3 +59,16 @@ def rouge1_recall(prediction: str, reference: str) -> float:
     pred = Counter(normalize_tokens(prediction))
     overlap = sum(min(count, pred[word]) for word, count in ref.items())
     return overlap / total
+
+
+def answer_prefix(prediction: str, answer: str) -> float:
+    """Longest prefix of ``answer`` found in ``prediction`` (case-insensitive, whitespace-normalised), as a
+    fraction of the answer's length; 0.0 for an empty answer."""
+    ans, pred = normalize_whitespace(answer), normalize_whitespace(prediction)
+    if not ans:
+        return 0.0
+    lo, hi = 0, len(ans)  # the longest k with ans[:k] in pred (a prefix found implies all shorter ones)
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        lo, hi = (mid, hi) if ans[:mid] in pred else (lo, mid - 1)
+    return lo / len(ans)

@@ -22,7 +22,8 @@ the context (haystack + needle) alone, and the harness adds the chat template an
 
 The sample's ``context`` (what a prompt-compression method may compress) is the haystack with the needle;
 its ``question`` is the retrieval question, after a blank line. Metrics per sample: ``accuracy`` (the answer
-string occurs in the prediction, case-insensitive) and ``rouge1_recall`` (see ``tokenbench.text_metrics``);
+string occurs in the prediction, case-insensitive), ``answer_prefix`` (partial credit: the longest prefix of
+the answer found) and ``rouge1_recall`` (see ``tokenbench.text_metrics``);
 aggregates add per-length and per-depth means (``accuracy@len512``, ``accuracy@depth0.25``); the artifact
 is ``niah_heatmap.png``.
 """
@@ -39,7 +40,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Optional
 from tokenbench.errors import TokenbenchError
 from tokenbench.registry import register_task
 from tokenbench.task import Sample, Task
-from tokenbench.text_metrics import contains_answer, rouge1_recall
+from tokenbench.text_metrics import answer_prefix, contains_answer, rouge1_recall
 
 if TYPE_CHECKING:
     from tokenbench.models.base import LoadedModel
@@ -286,6 +287,7 @@ class NeedleInAHaystack(Task):
         return {
             "accuracy": contains_answer(prediction, answer),
             "rouge1_recall": rouge1_recall(prediction, answer),
+            "answer_prefix": answer_prefix(prediction, answer),
         }
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:

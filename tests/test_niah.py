@@ -317,11 +317,16 @@ def test_score() -> None:
     task = NeedleInAHaystack()
     sample = Sample(id="len256_depth0", answer="7192846")
     hit = task.score(sample, "The special magic number is 7192846.")
-    assert hit == {"accuracy": 1.0, "rouge1_recall": 1.0}
-    assert task.score(sample, "I do not know.") == {"accuracy": 0.0, "rouge1_recall": 0.0}
-    assert task.score(sample, "7,192,846") == {"accuracy": 0.0, "rouge1_recall": 1.0}
+    assert hit == {"accuracy": 1.0, "rouge1_recall": 1.0, "answer_prefix": 1.0}
+    assert task.score(sample, "I do not know.") == {"accuracy": 0.0, "rouge1_recall": 0.0, "answer_prefix": 0.0}
+    assert task.score(sample, "7,192,846") == {"accuracy": 0.0, "rouge1_recall": 1.0, "answer_prefix": 1 / 7}
+    # a needle recalled in part: the digits' prefix counts, a stray digit elsewhere does not help
+    assert task.score(sample, "It is 1, or 719.")["answer_prefix"] == 3 / 7
+    assert task.score(sample, "It is 1.")["answer_prefix"] == 0.0
     sf = Sample(id="x", answer=SF_ANSWER)
-    assert task.score(sf, "Eat a sandwich in the park.") == {"accuracy": 0.0, "rouge1_recall": 5 / 8}
+    assert task.score(sf, "Eat a sandwich in the park.")["answer_prefix"] == len("eat a sandwich ") / len(SF_ANSWER)
+    assert {k: v for k, v in task.score(sf, "Eat a sandwich in the park.").items() if k != "answer_prefix"} == {
+        "accuracy": 0.0, "rouge1_recall": 5 / 8}
 
 
 def _rows(cells: dict[tuple[int, float], float], **meta: str) -> list[dict]:
