@@ -6,8 +6,9 @@ dominated by hundreds of tiny kernels. Profiling a Llama-3.1-8B decode step on a
 next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue between them is fused.
 
 Same numerics as the transformers modules they replace (float32 RMSNorm, weight multiplied in the input dtype);
-applied to every method alike, the baseline included. Patches the model *instances* (and the modeling module's
-``apply_rotary_pos_emb``), so it works for Llama, Qwen2/3, Mistral and other models built from the same parts.
+applied to every method alike, the baseline included. Patches the model *instances* (and, process-wide, the
+modeling module's ``apply_rotary_pos_emb`` and the kv decode attention), so it works for Llama, Qwen2/3,
+Mistral and other models built from the same parts.
 """
 
 from __future__ import annotations

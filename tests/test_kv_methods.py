@@ -519,9 +519,17 @@ def test_sdpa_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
     assert_same_generation(gen(loaded, m, p), ref, tol=1e-5)
 
 
-def test_fused_kernels_keep_the_numerics(loaded_sdpa) -> None:
+def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch) -> None:
     """measure.fuse_kernels (compiled RMSNorm/RoPE/MLP glue) leaves tokens and logits as they were."""
     import copy
+    import sys
+
+    from tokenbench import kv_attention
+
+    # fusion swaps module-level functions (the model's RoPE, the decode attention): restore them afterwards
+    modeling = sys.modules[type(loaded_sdpa.model.model.layers[0].self_attn).__module__]
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
+    monkeypatch.setattr(kv_attention, "DECODE_IMPL", list(kv_attention.DECODE_IMPL))
 
     m = METHODS.get("streaming_llm", "kv").cls(keep_ratio=0.5)
     p = Prompt.batch(ragged(16, [40, 30], [6, 6]))
