@@ -24,7 +24,8 @@ from tokenbench.results import ResultRecord, SampleLog, read_result, run_key, wr
 log = logging.getLogger(__name__)
 
 # Which runner drives a model for each method family (module:attribute, imported lazily).
-RUNNERS = {"kv": "tokenbench.lm:LMRunner", "vit": "tokenbench.vision:VisionRunner"}
+RUNNERS = {"kv": "tokenbench.lm:LMRunner", "vit": "tokenbench.vision:VisionRunner",
+           "vlm": "tokenbench.vlm:VLMRunner"}
 
 
 class RunFailed(Exception):

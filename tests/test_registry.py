@@ -88,6 +88,10 @@ def test_duplicate_name_rejected_but_shared_names_per_family_allowed() -> None:
         class Dup:
             family = "kv"
 
+    # every family registers its own `random`: set the vlm one aside while a stand-in takes its place
+    real_vlm = [e for e in registry.METHODS._entries["random"] if e.family == "vlm"]
+    registry.METHODS._entries["random"] = [e for e in registry.METHODS._entries["random"] if e.family != "vlm"]
+
     @registry.register_method("random", family="vlm")
     @dataclass
     class RandomVLM:
@@ -107,6 +111,7 @@ def test_duplicate_name_rejected_but_shared_names_per_family_allowed() -> None:
             registry.build("method", {"name": "random", "visual_only": False}, "kv")
     finally:
         registry.METHODS._entries["random"] = [e for e in registry.METHODS._entries["random"] if e.family != "vlm"]
+        registry.METHODS._entries["random"] += real_vlm
         registry._store_schema("method", "random", [e.cls for e in registry.METHODS._entries["random"]])
 
 

@@ -1,0 +1,29 @@
+"""``random`` for the vlm family: keep a uniformly random subset of the visual tokens at the same budget,
+before the projector — the floor an importance or duplication rule has to beat (the random baseline of
+FasterVLM, Zhang et al. 2024, arXiv:2412.01818, Table 1, and of DART, Wen et al. 2025, arXiv:2502.11494).
+
+The subset is drawn on the CPU from a generator seeded with ``seed`` (and, in a batch, a different draw per
+row), so a run is reproducible on any device; kept tokens stay in their spatial order.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from tokenbench.families.vlm import VisionContext, VLMMethod
+from tokenbench.registry import register_method
+
+
+@register_method("random", family="vlm")
+@dataclass
+class RandomVLM(VLMMethod):
+    """Random visual-token selection at the budget."""
+
+    seed: int = 0  # seed of the selection; same seed, same kept tokens
+
+    def reduce(self, ctx: VisionContext) -> torch.Tensor:
+        gen = torch.Generator().manual_seed(int(self.seed))
+        b, n = ctx.features.shape[:2]
+        idx = torch.stack([torch.randperm(n, generator=gen)[: ctx.n_keep] for _ in range(b)])
+        return ctx.gather(idx.to(ctx.features.device))
