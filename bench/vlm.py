@@ -51,6 +51,8 @@ def load_image(image: Any) -> Any:
         else:
             image = Image.open(image)
     if isinstance(image, np.ndarray):
+        if image.dtype == bool:
+            image = image.astype(np.uint8) * 255
         if image.ndim == 2:
             image = np.stack([image] * 3, axis=-1)
         image = Image.fromarray(image.astype(np.uint8))
@@ -85,7 +87,8 @@ class VLMRunner:
     # --- prompt ------------------------------------------------------------------------------------------
 
     def build_inputs(self, sample: Any, use_chat_template: bool = True) -> dict[str, torch.Tensor]:
-        image = load_image(getattr(sample, "image", None) or sample.meta.get("image"))
+        image = getattr(sample, "image", None)
+        image = load_image(sample.meta.get("image") if image is None else image)
         question = (sample.context or "") + (sample.question or "")
         if use_chat_template and getattr(self.processor, "chat_template", None):
             msgs = [{"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]}]
