@@ -100,7 +100,11 @@ class GraphedForward:
         graph = torch.cuda.CUDAGraph()
         for gen in self.generators():
             graph.register_generator_state(gen)
-        with torch.cuda.graph(graph), autocast(self.device, self.amp, cache_enabled=False):
+        # thread_local: the prefetch thread may pin memory (cudaHostAlloc) while this thread captures; in the
+        # default "global" mode that call invalidates the capture (seen on an H200 as a cuDNN attention error)
+        with torch.cuda.graph(graph, capture_error_mode="thread_local"), autocast(
+            self.device, self.amp, cache_enabled=False
+        ):
             static_out = self.model(static_in)
         return graph, static_in, static_out
 

@@ -286,12 +286,16 @@ def harness_overhead(args, device: torch.device, table: list[dict]) -> list[dict
     from tokenbench.run import execute, plan
 
     store_base_config()
+    import tokenbench.vision as vision
+
     out = []
     n = args.batch * (2 if args.quick else args.overhead_batches)
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "images"
         write_images(root, n, classes=10)
-        for name, method, r, execution in args.overhead:
+        points = [(d, p) for d in args.pipeline_depths for p in args.overhead]
+        for depth, (name, method, r, execution) in points:
+            vision.PIPELINE_DEPTH = depth
             overrides = [
                 f"model={name}",
                 f"model.device={device}",
@@ -304,7 +308,7 @@ def harness_overhead(args, device: torch.device, table: list[dict]) -> list[dict
                 f"task.limit={n}",
                 f"measure.warmup={args.warmup}",
                 "wandb.mode=disabled",
-                f"output_dir={Path(tmp) / 'runs'}",
+                f"output_dir={Path(tmp) / f'runs{depth}'}",
                 "progress=false",
             ]
             if name == "tiny-vit":
@@ -332,6 +336,7 @@ def harness_overhead(args, device: torch.device, table: list[dict]) -> list[dict
                 "method": method,
                 "r": r,
                 "execution": execution,
+                "pipeline_depth": depth,
                 "n_images": rec.n_samples,
                 "loop_images_per_s": rec.extra.get("stream_images_per_s"),
                 "timed_forward_images_per_s": rec.latency.get("images_per_s"),
@@ -410,14 +415,14 @@ def markdown(rows: list[dict], overhead: list[dict], env: dict) -> str:
             "Harness overhead: the imagenet task through `tokenbench.run.execute` (images decoded before the "
             "loop) against the bare model:",
             "",
-            "| model | method | r | execution | images | loop im/s | bare model im/s | loop / bare "
-            "| timed-forward im/s |",
-            "|---|---|---:|---|---:|---:|---:|---:|---:|",
+            "| model | method | r | execution | queued forwards | images | loop im/s | bare model im/s "
+            "| loop / bare | timed-forward im/s |",
+            "|---|---|---:|---|---:|---:|---:|---:|---:|---:|",
         ]
         for o in overhead:
             lines.append(
                 f"| {LABEL[o['model']]} | {o['method']} | {o['r'] or '—'} | {o['execution']} | "
-                f"{o['n_images']} | "
+                f"{o.get('pipeline_depth', 1)} | {o['n_images']} | "
                 f"{f(o['loop_images_per_s'], '.0f')} | {f(o['bare_images_per_s'], '.0f')} | "
                 f"{f(o.get('loop_vs_bare'), '.3f')} | {f(o['timed_forward_images_per_s'], '.0f')} |"
             )
@@ -446,6 +451,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         help="model:method:r[:execution] points of the harness-overhead measurement ('' to skip)",
     )
     ap.add_argument("--overhead-batches", type=int, default=16)
+    ap.add_argument("--pipeline-depths", default="2", help="vision.PIPELINE_DEPTH values, overhead")
     ap.add_argument("--budget-s", type=float, default=420, help="skip compile points after this many seconds")
     ap.add_argument(
         "--flops-only", action="store_true", help="FLOPs and token counts only (no timing; CPU is fine)"
@@ -462,6 +468,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         return (parts[0], parts[1], int(parts[2]), parts[3] if len(parts) > 3 else "eager")
 
     args.overhead = [point(p) for p in args.overhead.split(",") if p]
+    args.pipeline_depths = [int(d) for d in args.pipeline_depths.split(",") if d]
     args.profile = [point(p)[:3] for p in args.profile.split(",") if p]
     if args.quick:
         args.models, args.batch, args.warmup, args.iters, args.repeats = ["tiny-vit"], 4, 1, 2, 2
