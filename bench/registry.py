@@ -271,7 +271,9 @@ def check_compatible(method_name: str, model_name: str, task_name: str) -> str:
     task = TASKS.get(task_name)
     method_entries = METHODS.entries(method_name)
     families = [e.family for e in method_entries]
-    usable = [f for f in families if f in model.families and f in task.families]
+    # a shared name (none/random) resolves to the first of the *model's* families that fits (an LM lists kv
+    # before prompt), whatever order the method modules were imported in
+    usable = [f for f in model.families if f in families and f in task.families]
     if usable:
         return usable[0]
     works = [

@@ -25,6 +25,7 @@ log = logging.getLogger(__name__)
 
 # Which runner drives a model for each method family (module:attribute, imported lazily).
 RUNNERS = {"kv": "tokenbench.lm:LMRunner", "vit": "tokenbench.vision:VisionRunner",
+           "prompt": "tokenbench.prompt_runner:PromptRunner",
            "vlm": "tokenbench.vlm:VLMRunner"}
 
 
