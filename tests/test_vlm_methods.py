@@ -274,3 +274,21 @@ def test_dart_keeps_pivots_and_drops_near_duplicates() -> None:
     ctx = LLMContext(layer=2, hidden=hidden.unsqueeze(0), visual_start=2, n_visual=8, n_keep=3,
                      norm=torch.nn.Identity(), prev_keys=keys.view(1, 12, 1, 4).transpose(1, 2))
     assert method.select(ctx)[0].tolist() == kept
+
+
+def test_gpu_benchmark_script_quick_mode(tmp_path) -> None:
+    """`python -m tokenbench.perf.vlm_prefill --device cpu --quick` runs end to end and writes its tables."""
+    import json
+
+    from tokenbench.perf import vlm_prefill
+
+    out = tmp_path / "vlm"
+    assert vlm_prefill.main(["--device", "cpu", "--quick", "--budgets", "8", "--methods", "fastv,visionzip",
+                             "--repeats", "1", "--warmup", "0", "--decode-steps", "2", "--out", str(out)]) == 0
+    result = json.loads((out / "vlm_prefill.json").read_text())
+    kept = {p["method"]: p["visual_tokens_kept"] for p in result["points"]}
+    assert kept == {"none": 64, "fastv": 8, "visionzip": 8}
+    text = result["prompt_tokens"] - result["visual_tokens"]
+    fastv = next(p for p in result["points"] if p["method"] == "fastv")
+    assert fastv["lm_tokens"] == [text + 64] * 2 + [text + 8] * 2  # counted at the decoder layers
+    assert "| visionzip | 8 |" in (out / "vlm_prefill.md").read_text()
