@@ -200,9 +200,19 @@ class ImageClassification(Task):
         import torch
 
         if self._cache is not None:
-            idx = torch.tensor([self._index[s.id] for s in samples])
-            return self._cache.index_select(0, idx)
+            idx = [self._index[s.id] for s in samples]
+            if idx and idx == list(range(idx[0], idx[0] + len(idx))):
+                return self._cache[idx[0]:idx[0] + len(idx)]  # consecutive samples: a view, no copy
+            return self._cache.index_select(0, torch.tensor(idx))
         return self._decode(samples)
+
+    def pin_memory(self) -> None:
+        """Move the preloaded images to pinned host memory (once): chunks are then views that upload to a GPU
+        without a copy on the host (at ~20k images/s a per-chunk copy and pin kept ViT-S/16's loop waiting)."""
+        import torch
+
+        if self._cache is not None and torch.cuda.is_available() and not self._cache.is_pinned():
+            self._cache = self._cache.pin_memory()
 
     # --- scoring -------------------------------------------------------------------------------------
 

@@ -96,6 +96,10 @@ def test_images_follow_the_models_data_config(photos, loaded) -> None:
     assert torch.equal(imgs[color], TF.pil_to_tensor(ref))
     pre = build_task(root=str(photos), preload=True)
     pre_samples = pre.samples(loaded)
+    assert torch.equal(pre.images(pre_samples[2:5]), imgs[2:5])  # consecutive: a view of the cache
+    shuffled = [pre_samples[i] for i in (6, 0, 3)]
+    assert torch.equal(pre.images(shuffled), imgs[[6, 0, 3]])  # any other order: gathered
+    pre.pin_memory()  # a no-op without CUDA; with it, the same images in pinned memory
     assert torch.equal(pre.images(pre_samples[2:5]), imgs[2:5])
 
 
