@@ -76,6 +76,8 @@ class VLMRunner:
         self.device = torch.device(loaded.device)
         self.method = method
         self.measure = measure if measure is not None else MeasureSettings()
+        if int(getattr(self.measure, "batch_size", 1) or 1) != 1:
+            raise TokenbenchError("the vlm runner takes one image prompt at a time (measure.batch_size=1)")
         self.session = VLMSession(method, self.model)
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer = tok
@@ -96,8 +98,11 @@ class VLMRunner:
         else:
             text = "<image>\n" + question
         inputs = self.processor(images=image, text=text, return_tensors="pt")
-        return {"input_ids": inputs["input_ids"].to(self.device),
-                "pixel_values": inputs["pixel_values"].to(self.device), "text": text}
+        out = {"input_ids": inputs["input_ids"].to(self.device),
+               "pixel_values": inputs["pixel_values"].to(self.device), "text": text}
+        if inputs.get("image_sizes") is not None:  # LLaVA-NeXT's any-resolution tiling
+            out["image_sizes"] = inputs["image_sizes"].to(self.device)
+        return out
 
     # --- generation --------------------------------------------------------------------------------------
 
@@ -107,7 +112,8 @@ class VLMRunner:
 
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config.text_config)
-            res = self.session.prefill(inputs["input_ids"], inputs["pixel_values"], cache, self._cache_kw)
+            res = self.session.prefill(inputs["input_ids"], inputs["pixel_values"], cache, self._cache_kw,
+                                       inputs.get("image_sizes"))
         return res.logits.float(), res.stats
 
     def generate(self, inputs: dict[str, Any], max_new_tokens: int, fixed_tokens: int = 0) -> dict[str, Any]:
@@ -122,7 +128,8 @@ class VLMRunner:
             cache = DynamicCache(config=self.model.config.text_config)
             timer.synchronize()
             t0 = timer.stamp()
-            res = self.session.prefill(inputs["input_ids"], inputs["pixel_values"], cache, self._cache_kw)
+            res = self.session.prefill(inputs["input_ids"], inputs["pixel_values"], cache, self._cache_kw,
+                                       inputs.get("image_sizes"))
             t_prefill = timer.stamp()
             tok = res.logits.argmax(dim=-1)
             tokens.append(tok)

@@ -15,6 +15,9 @@ Budget: exactly ``n_keep`` visual tokens survive layer K: the image pivots plus
 ``n_keep - pivot_image_token`` tokens shared over the pivots (``floor`` each, the remainder to the first
 pivots). Pivots are visited in the order of their position in the sequence.
 
+On LLaVA-NeXT the image span is every packed tile token (newline tokens included), as in the references'
+LLaVA-NeXT runs.
+
 Deviations: the reference keeps ``pivot_image_token + TOKEN_TOPK * (pivots)`` tokens with ``TOKEN_TOPK =
 max_num_trunction // pivots`` (132 for its "128"), and iterates a Python ``set`` of pivots (an order that is
 an implementation detail); here the count is exactly the budget and the order is by position. Keys are taken

@@ -16,6 +16,9 @@ and its cached keys (one ``1 x L`` row per head; the model's attention stays SDP
 Decoding continues at the original next position, the cache of layers >= K holding only the kept tokens (as
 the reference's inplace version with a KV cache).
 
+On LLaVA-NeXT the image span is every packed tile token (newline tokens included), as in the references'
+LLaVA-NeXT runs.
+
 Deviations: none in the selection rule. The reference's ``round`` on the ratio becomes the family's budget
 (``floor(keep_ratio * N)``, or ``n_keep`` exactly).
 """

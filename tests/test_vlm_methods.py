@@ -292,3 +292,45 @@ def test_gpu_benchmark_script_quick_mode(tmp_path) -> None:
     fastv = next(p for p in result["points"] if p["method"] == "fastv")
     assert fastv["lm_tokens"] == [text + 64] * 2 + [text + 8] * 2  # counted at the decoder layers
     assert "| visionzip | 8 |" in (out / "vlm_prefill.md").read_text()
+
+
+def test_models_and_shared_names_resolve_to_the_vlm_family() -> None:
+    from tokenbench.models.llava import Llava
+    from tokenbench.registry import check_compatible
+
+    assert check_compatible("random", "tiny-llava", "vqa") == "vlm"
+    assert check_compatible("none", "llava", "vqa") == "vlm"
+    with pytest.raises(IncompatibleError):
+        check_compatible("fastv", "tiny-llama", "niah")
+    with pytest.raises(TokenbenchError, match="llava: cannot load 'no-such/llava'"):
+        Llava(pretrained="no-such/llava", device="cpu").load()  # offline in the tests: one line, no hang
+    with pytest.raises(TokenbenchError, match="attn_implementation"):
+        Llava(attn_implementation="flash")
+
+
+def test_llava_next_runs_the_in_llm_methods_and_refuses_the_others(sample) -> None:
+    """LLaVA-NeXT (any-resolution tiles, newline tokens): none/fastv/dart keep transformers' logits at keep-all
+    and prune exactly their budget after layer K; vision-stage methods say why they do not apply."""
+    nxt = TinyLlava(architecture="llava_next").load()
+    assert type(nxt.model).__name__ == "LlavaNextForConditionalGeneration"
+    chelsea = Sample(id="chelsea", question="What animal is this?", max_new_tokens=3)
+    chelsea.image = "skimage:chelsea"  # 451 x 300: several tiles
+    inputs = VLMRunner(nxt).build_inputs(chelsea)
+    n_visual = int((inputs["input_ids"] == nxt.model.config.image_token_id).sum())
+    assert n_visual > 2 * N_VISUAL and "image_sizes" in inputs
+    with torch.inference_mode():
+        ref = nxt.model(input_ids=inputs["input_ids"], pixel_values=inputs["pixel_values"],
+                        image_sizes=inputs["image_sizes"]).logits[:, -1].float()
+    n_text = int(inputs["input_ids"].shape[1]) - n_visual
+    for name in ("none", "fastv", "dart"):
+        logits, stats = VLMRunner(nxt, METHODS.get(name, "vlm").cls()).prefill_logits(inputs)
+        torch.testing.assert_close(logits, ref, atol=1e-5, rtol=1e-5)
+        assert stats["visual_tokens_in"] == n_visual
+        if name != "none":
+            runner = VLMRunner(nxt, METHODS.get(name, "vlm").cls(n_keep=40))
+            seen, (_, stats) = layer_tokens(nxt.model, lambda r=runner: r.prefill_logits(inputs))
+            assert seen == [n_text + n_visual] * 2 + [n_text + 40] * 2 and stats["visual_tokens_kept"] == 40
+            assert 1 <= runner.run(chelsea).n_generated <= 3
+    for name in ("fastervlm", "visionzip", "random"):
+        with pytest.raises(IncompatibleError, match="LLaVA-NeXT"):
+            VLMRunner(nxt, METHODS.get(name, "vlm").cls(n_keep=40))

@@ -23,9 +23,12 @@ kept ones, as FastV's reference does); decoding then continues at the true next 
 achieved count is recorded per sample from the tensors' shapes (``VLMSession.stats``).
 
 Supported models: ``LlavaForConditionalGeneration`` (LLaVA-1.5 and any LLaVA with a single feature layer and
-one image per prompt). Methods that need the [CLS] token (``requires_cls``) need a CLIP-style tower with one
-and the ``default`` feature strategy. Other model classes (LLaVA-NeXT's any-resolution tiling, Qwen2-VL's
-M-RoPE and merged patches) fail with one line naming what is supported.
+one image per prompt): every method. ``LlavaNextForConditionalGeneration`` (LLaVA-NeXT / 1.6: any-resolution
+tiles, unpadded, with a newline token per row): the in-LM methods (``fastv``, ``dart``) and ``none``; the
+image's visual tokens are then every packed tile token, newline tokens included, as the model's own
+``get_image_features`` builds them. Methods that need the [CLS] token (``requires_cls``) need a CLIP-style
+tower with one and the ``default`` feature strategy. Other classes (Qwen2-VL's M-RoPE and merged patches,
+...) fail with one line naming what is supported.
 """
 
 from __future__ import annotations
@@ -41,7 +44,9 @@ import torch
 from tokenbench.errors import IncompatibleError, TokenbenchError
 from tokenbench.method import Method
 
-SUPPORTED = "LlavaForConditionalGeneration (LLaVA-1.5 style: one image, one vision feature layer)"
+SUPPORTED = ("LlavaForConditionalGeneration (every method) and LlavaNextForConditionalGeneration (in-LM methods: "
+             "fastv, dart; and none), one image per prompt, one vision feature layer")
+NEXT = "LlavaNextForConditionalGeneration"
 
 
 # --- what a method sees ------------------------------------------------------------------------------
@@ -201,8 +206,12 @@ class VLMMethod(Method):
 def check_model(model: Any, method: VLMMethod) -> None:
     """The model must be a supported class and fit the method; one line otherwise."""
     name = type(model).__name__
-    if name != "LlavaForConditionalGeneration":
+    if name not in ("LlavaForConditionalGeneration", NEXT):
         raise IncompatibleError(f"the vlm family supports {SUPPORTED}; got {name}")
+    if name == NEXT and method.stage == "vision" and method.takes_budget:
+        raise IncompatibleError(
+            f"method '{method.label}' reduces the vision features of one LLaVA-1.5 image; on LLaVA-NeXT's "
+            "any-resolution tiles the vlm family runs the in-LM methods (fastv, dart) and none")
     cfg = model.config
     if not isinstance(cfg.vision_feature_layer, int):
         raise IncompatibleError("the vlm family needs a single vision_feature_layer (an int); got a list")
@@ -240,6 +249,7 @@ class VLMSession:
         self.feature_layer = int(cfg.vision_feature_layer)
         self.strategy = cfg.vision_feature_select_strategy
         self.layers = self.lm.layers
+        self.tiled = type(model).__name__ == NEXT
         self._pruned: dict[str, Any] | None = None  # set during an llm-stage prefill, after the cut
         self.last_stats: dict[str, Any] = {}
         self.layer_tokens: list[int] = []  # tokens entering each decoder layer in the last prefill
@@ -252,9 +262,20 @@ class VLMSession:
             raise IncompatibleError(f"cannot find the encoder layers of vision tower {type(self.tower).__name__}")
         return encoder.layers[self.feature_layer]
 
-    def visual_features(self, pixel_values: torch.Tensor, n_keep: int | None) -> tuple[torch.Tensor, int]:
+    def visual_features(self, pixel_values: torch.Tensor, n_keep: int | None,
+                        image_sizes: torch.Tensor | None = None) -> tuple[torch.Tensor, int]:
         """Projected visual embeddings after the vision-stage method ``(B, K, D)`` and the count before it."""
         method = self.method
+        if self.tiled:  # LLaVA-NeXT: the model's own tiling, projection, unpadding and newline tokens
+            if image_sizes is None:
+                raise TokenbenchError("LLaVA-NeXT needs the processor's image_sizes")
+            cfg = self.model.config
+            out = self.model.model.get_image_features(
+                pixel_values.to(self.projector.linear_1.weight.dtype), image_sizes,
+                vision_feature_layer=cfg.vision_feature_layer,
+                vision_feature_select_strategy=cfg.vision_feature_select_strategy, return_dict=True)
+            feats = torch.cat(list(out.pooler_output), dim=0).unsqueeze(0)
+            return feats, int(feats.shape[1])
         captured: dict[str, torch.Tensor] = {}
         handle = None
         if method.stage == "vision" and method.needs_vision_attention and n_keep is not None:
@@ -312,7 +333,7 @@ class VLMSession:
                 h.remove()
 
     def prefill(self, input_ids: torch.Tensor, pixel_values: torch.Tensor, cache: Any,
-                cache_kw: str = "cache") -> PrefillResult:
+                cache_kw: str = "cache", image_sizes: torch.Tensor | None = None) -> PrefillResult:
         """Vision tower + method + projector + language-model prefill; returns the last logits."""
         if input_ids.shape[0] != 1:
             raise TokenbenchError("the vlm runner takes one prompt at a time")
@@ -324,7 +345,7 @@ class VLMSession:
                                   f"minimum of {method.min_budget()}")
         if n_keep == n_visual:
             n_keep = None  # keep-all: nothing to reduce
-        image, n_in = self.visual_features(pixel_values, n_keep)
+        image, n_in = self.visual_features(pixel_values, n_keep, image_sizes)
         if n_in != n_visual:
             raise TokenbenchError(f"the prompt has {n_visual} <image> placeholders but the tower gave {n_in} tokens")
         text = self.lm.get_input_embeddings()(input_ids)

@@ -1,11 +1,13 @@
 """LLaVA-style vision-language models for the ``vlm`` family.
 
-- ``llava``: any ``LlavaForConditionalGeneration`` checkpoint with its ``AutoProcessor`` (default
-  ``llava-hf/llava-1.5-7b-hf``: CLIP ViT-L/14-336 + Vicuna-7B, 576 visual tokens per image). With no hub, the
-  local Hugging Face cache or a local directory is used, and a missing model fails with one line.
+- ``llava``: a LLaVA checkpoint through ``AutoModelForImageTextToText`` with its ``AutoProcessor`` (default
+  ``llava-hf/llava-1.5-7b-hf``: CLIP ViT-L/14-336 + Vicuna-7B, 576 visual tokens per image; a LLaVA-NeXT id
+  such as ``llava-hf/llava-v1.6-vicuna-7b-hf`` loads as LLaVA-NeXT). With no hub, the local Hugging Face cache
+  or a local directory is used, and a missing model fails with one line.
 - ``tiny-llava``: a random-weight LLaVA built from a config (tiny CLIP vision tower with a [CLS] token, tiny
   Llama), with an offline processor (CLIP image processor from parameters, the harness's tiny BPE tokenizer
-  plus an ``<image>`` token, a LLaVA-1.5-style chat template). Seconds on a CPU; for tests and demos.
+  plus an ``<image>`` token, a LLaVA-1.5-style chat template). ``architecture=llava_next`` builds a tiny
+  LLaVA-NeXT instead (any-resolution tiles of the same tower). Seconds on a CPU; for tests and demos.
 
 Both return ``LoadedModel(model, tokenizer=<the processor>)``; ``info`` holds the facts the runner needs
 (visual tokens per image, the vision feature layer).
@@ -58,15 +60,17 @@ def _check_common(name: str, dtype: str, device: str, attn: str) -> None:
 
 def model_info(model: Any) -> dict[str, Any]:
     cfg = model.config
-    vc = cfg.vision_config
+    vc = getattr(cfg, "vision_config", None)
+    if vc is None or not hasattr(vc, "image_size"):
+        return {"model_type": cfg.model_type}
     n_side = vc.image_size // vc.patch_size
     extra = 1 if getattr(cfg, "vision_feature_select_strategy", "default") == "full" else 0
     return {
         "model_type": cfg.model_type,
         "vision_model_type": vc.model_type,
         "visual_tokens_per_image": n_side * n_side + extra,
-        "vision_feature_layer": cfg.vision_feature_layer,
-        "vision_feature_select_strategy": cfg.vision_feature_select_strategy,
+        "vision_feature_layer": getattr(cfg, "vision_feature_layer", None),
+        "vision_feature_select_strategy": getattr(cfg, "vision_feature_select_strategy", None),
         "num_hidden_layers": cfg.text_config.num_hidden_layers,
         "attn_implementation": getattr(cfg.text_config, "_attn_implementation", None),
     }
@@ -75,7 +79,7 @@ def model_info(model: Any) -> dict[str, Any]:
 @register_model("llava")
 @dataclass
 class Llava(ModelSpec):
-    """A LLaVA checkpoint loaded with ``LlavaForConditionalGeneration`` + ``AutoProcessor``."""
+    """A LLaVA checkpoint loaded with ``AutoModelForImageTextToText`` + ``AutoProcessor``."""
 
     families: ClassVar[tuple[str, ...]] = ("vlm",)
 
@@ -91,7 +95,7 @@ class Llava(ModelSpec):
             raise TokenbenchError("llava: set model.pretrained to a hub id or a local directory")
 
     def load(self) -> LoadedModel:
-        from transformers import AutoProcessor, LlavaForConditionalGeneration
+        from transformers import AutoModelForImageTextToText, AutoProcessor
 
         device = resolve_device(self.device)
         dtype = resolve_dtype(self.dtype, device)
@@ -102,7 +106,7 @@ class Llava(ModelSpec):
             source = f"hub-cache:{self.pretrained}"
         try:
             processor = AutoProcessor.from_pretrained(self.pretrained, **kwargs)
-            model = LlavaForConditionalGeneration.from_pretrained(
+            model = AutoModelForImageTextToText.from_pretrained(
                 self.pretrained, dtype=dtype, attn_implementation=self.attn_implementation,
                 **({"device_map": {"": device}} if device.startswith("cuda") else {}), **kwargs)
         except (OSError, ValueError) as exc:
@@ -121,6 +125,7 @@ class TinyLlava(ModelSpec):
 
     families: ClassVar[tuple[str, ...]] = ("vlm",)
 
+    architecture: str = "llava"  # llava (LLaVA-1.5) | llava_next (any-resolution tiles, newline tokens)
     image_size: int = 64  # vision input side (pixels)
     patch_size: int = 8  # (image_size / patch_size)^2 visual tokens per image
     vision_layers: int = 3  # CLIP encoder layers (features from the penultimate one)
@@ -138,6 +143,8 @@ class TinyLlava(ModelSpec):
 
     def __post_init__(self) -> None:
         _check_common("tiny-llava", self.dtype, self.device, self.attn_implementation)
+        if self.architecture not in ("llava", "llava_next"):
+            raise TokenbenchError(f"tiny-llava: architecture must be llava or llava_next, got '{self.architecture}'")
         if self.image_size % self.patch_size:
             raise TokenbenchError("tiny-llava: image_size must be a multiple of patch_size")
         if self.num_attention_heads % self.num_key_value_heads:
@@ -145,9 +152,17 @@ class TinyLlava(ModelSpec):
 
     def load(self) -> LoadedModel:
         import torch
-        from transformers import CLIPVisionConfig, LlamaConfig, LlavaConfig, LlavaForConditionalGeneration
+        from transformers import (
+            CLIPVisionConfig,
+            LlamaConfig,
+            LlavaConfig,
+            LlavaForConditionalGeneration,
+            LlavaNextConfig,
+            LlavaNextForConditionalGeneration,
+        )
 
-        processor = tiny_processor(self.image_size, self.patch_size)
+        next_ = self.architecture == "llava_next"
+        processor = tiny_processor(self.image_size, self.patch_size, next_)
         tok = processor.tokenizer
         vision = CLIPVisionConfig(
             hidden_size=self.vision_hidden_size, intermediate_size=2 * self.vision_hidden_size,
@@ -161,9 +176,12 @@ class TinyLlava(ModelSpec):
             bos_token_id=tok.bos_token_id, eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id,
             tie_word_embeddings=False,
         )
-        config = LlavaConfig(vision_config=vision, text_config=text,
-                             image_token_id=tok.convert_tokens_to_ids(IMAGE_TOKEN),
-                             vision_feature_layer=-2, vision_feature_select_strategy="default")
+        common = {"vision_config": vision, "text_config": text, "image_token_id": tok.convert_tokens_to_ids(IMAGE_TOKEN),
+                  "vision_feature_layer": -2, "vision_feature_select_strategy": "default"}
+        if next_:
+            config = LlavaNextConfig(image_grid_pinpoints=grid_pinpoints(self.image_size), **common)
+        else:
+            config = LlavaConfig(**common)
         config._attn_implementation = self.attn_implementation
         config.text_config._attn_implementation = self.attn_implementation
         config.vision_config._attn_implementation = self.attn_implementation
@@ -171,27 +189,34 @@ class TinyLlava(ModelSpec):
         dtype = resolve_dtype(self.dtype, device)
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.seed)
-            model = LlavaForConditionalGeneration(config)
+            model = (LlavaNextForConditionalGeneration if next_ else LlavaForConditionalGeneration)(config)
         model = model.to(device=device, dtype=dtype).eval()
         model.generation_config.eos_token_id = tok.eos_token_id
         return LoadedModel.wrap(model, processor, device, dtype, source=f"random init (seed {self.seed})",
                                 info=model_info(model))
 
 
-def tiny_processor(image_size: int = 64, patch_size: int = 8):
-    """An offline ``LlavaProcessor``: CLIP preprocessing (resize shortest edge, centre crop, CLIP mean/std),
-    the tiny BPE tokenizer with ``<image>`` added, and the LLaVA-1.5 chat template."""
+def grid_pinpoints(side: int) -> list[list[int]]:
+    """LLaVA-NeXT's resolutions (1x1 .. 2x2 tiles of the tower's input side)."""
+    return [[side, side], [side, 2 * side], [2 * side, side], [2 * side, 2 * side]]
+
+
+def tiny_processor(image_size: int = 64, patch_size: int = 8, llava_next: bool = False):
+    """An offline ``LlavaProcessor`` (or ``LlavaNextProcessor``): CLIP preprocessing (resize shortest edge,
+    centre crop, CLIP mean/std; LLaVA-NeXT: any-resolution tiles), the tiny BPE tokenizer with ``<image>``
+    added, and the LLaVA-1.5 chat template."""
     from tokenbench.models.tiny import tiny_tokenizer
-    from transformers import CLIPImageProcessor, LlavaProcessor
+    from transformers import CLIPImageProcessor, LlavaNextImageProcessor, LlavaNextProcessor, LlavaProcessor
 
     tok = copy.deepcopy(tiny_tokenizer())  # the cached tokenizer is shared: never mutate it
     tok.add_special_tokens({"additional_special_tokens": [IMAGE_TOKEN]})
     tok.chat_template = LLAVA15_TEMPLATE
-    images = CLIPImageProcessor(
-        size={"shortest_edge": image_size}, crop_size={"height": image_size, "width": image_size},
-        do_center_crop=True, do_resize=True, do_normalize=True,
-        image_mean=[0.48145466, 0.4578275, 0.40821073], image_std=[0.26862954, 0.26130258, 0.27577711],
-    )
-    return LlavaProcessor(image_processor=images, tokenizer=tok, patch_size=patch_size,
-                          vision_feature_select_strategy="default", num_additional_image_tokens=1,
-                          chat_template=LLAVA15_TEMPLATE, image_token=IMAGE_TOKEN)
+    clip = {"image_mean": [0.48145466, 0.4578275, 0.40821073], "image_std": [0.26862954, 0.26130258, 0.27577711],
+            "size": {"shortest_edge": image_size}, "crop_size": {"height": image_size, "width": image_size}}
+    common = {"tokenizer": tok, "patch_size": patch_size, "vision_feature_select_strategy": "default",
+              "num_additional_image_tokens": 1, "chat_template": LLAVA15_TEMPLATE, "image_token": IMAGE_TOKEN}
+    if llava_next:
+        images = LlavaNextImageProcessor(image_grid_pinpoints=grid_pinpoints(image_size), **clip)
+        return LlavaNextProcessor(image_processor=images, **common)
+    images = CLIPImageProcessor(do_center_crop=True, do_resize=True, do_normalize=True, **clip)
+    return LlavaProcessor(image_processor=images, **common)
