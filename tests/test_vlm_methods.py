@@ -110,6 +110,15 @@ def test_random_is_deterministic_under_its_seed(tiny, inputs) -> None:
     b, _ = VLMRunner(tiny, cls(n_keep=12, seed=1)).prefill_logits(inputs)
     c, _ = VLMRunner(tiny, cls(n_keep=12, seed=2)).prefill_logits(inputs)
     assert torch.equal(a, b) and not torch.equal(a, c)
+    # per image, not per call: the same image draws the same tokens again (warm-up, repeats, resumed runs) ...
+    runner = VLMRunner(tiny, cls(n_keep=12, seed=1))
+    assert torch.equal(runner.prefill_logits(inputs)[0], runner.prefill_logits(inputs)[0])
+    # ... and another image other tokens
+    x = torch.randn(2, 64, 3)
+    ctx = VisionContext(features=x, n_keep=5, pixels=torch.stack([torch.zeros(3, 4, 4), torch.ones(3, 4, 4)]))
+    out = cls(n_keep=5, seed=1).reduce(ctx)
+    picked = [[int((x[i] == row).all(-1).nonzero()) for row in out[i]] for i in range(2)]
+    assert picked[0] != picked[1] and all(p == sorted(p) for p in picked)
 
 
 @pytest.mark.parametrize("cls", BUDGETED, ids=BUDGET_IDS)

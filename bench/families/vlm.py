@@ -63,6 +63,7 @@ class VisionContext:
     attn_module: Any = field(default=None, repr=False)  # the feature layer's attention (q_proj, k_proj, heads)
     first_visual: int = 1  # index of the first visual token among the T tokens of ``attn_input``
     seed: int = 0
+    pixels: torch.Tensor | None = field(default=None, repr=False)  # (B, ...) the preprocessed image(s)
     _keys: torch.Tensor | None = field(default=None, repr=False)
 
     @property
@@ -100,6 +101,13 @@ class VisionContext:
         """The visual tokens' keys at the feature layer averaged over heads, ``(B, N, d)`` (VisionZip's metric)."""
         k = self.keys_per_head().mean(dim=1)
         return k[:, self.first_visual:self.first_visual + self.n_tokens]
+
+    def image_keys(self) -> list[int]:
+        """One integer per image, from its preprocessed pixels (exact on any device): a per-image seed."""
+        if self.pixels is None:
+            return [0] * int(self.features.shape[0])
+        q = (self.pixels.float().flatten(1) * 1000).round().to(torch.int64)
+        return [int(v) for v in (q * torch.arange(1, q.shape[1] + 1, device=q.device) % 1_000_003).sum(dim=1)]
 
     def gather(self, idx: torch.Tensor) -> torch.Tensor:
         """The features of visual tokens ``idx`` ``(B, K)``, kept in their original (spatial) order."""
@@ -299,7 +307,7 @@ class VLMSession:
         if n_keep is not None and method.stage == "vision":
             ctx = VisionContext(features=feats, n_keep=n_keep, cls_features=cls, attn_input=captured.get("x"),
                                 attn_module=self._vision_layer().self_attn if captured else None,
-                                first_visual=first, seed=int(getattr(method, "seed", 0)))
+                                first_visual=first, seed=int(getattr(method, "seed", 0)), pixels=pixel_values)
             feats = method.reduce(ctx)
             if tuple(feats.shape[:2]) != (states.shape[0], n_keep):
                 raise AssertionError(f"method '{method.label}' returned {tuple(feats.shape)} for a budget of {n_keep}")
@@ -460,8 +468,8 @@ class VLMSession:
 
 
 def _layer_keys(cache: Any, idx: int) -> torch.Tensor:
-    layer = cache.layers[idx]
-    keys = getattr(layer, "keys", None)
+    layers = getattr(cache, "layers", None)
+    keys = getattr(layers[idx], "keys", None) if layers is not None else cache.key_cache[idx]  # transformers < 4.56
     if keys is None:
         raise TokenbenchError("the cache holds no keys for the layer before the prune layer")
     return keys
