@@ -22,7 +22,8 @@ can also carry "Reference OCR token" lines; those are not added here.
 Per sample: ``accuracy`` (VQAv2: the official soft accuracy; TextVQA: LLaVA's m4c evaluator; GQA: exact
 match; POPE: the yes/no extracted as LLaVA's ``eval_pope.py`` against the label) and, for POPE, ``yes``
 (the extracted answer was yes). Aggregates: the mean accuracy (in [0, 1]); POPE adds precision, recall, F1
-and the yes ratio over the run, as ``eval_pope.py`` reports them.
+and the yes ratio over the run, as ``eval_pope.py`` reports them, and with a ``category`` per question
+(adversarial / popular / random) the F1 and accuracy of each and LLaVA's mean F1 over them.
 """
 
 from __future__ import annotations
@@ -174,7 +175,7 @@ class VQA(Task):
                 if not image.startswith("skimage:") and not Path(image).is_absolute():
                     image = str(root / image)
                 out.append({"id": str(row.get("question_id", n)), "image": image, "question": row["question"],
-                            "answers": answers})
+                            "answers": answers, "category": row.get("category")})
         if not out:
             raise TokenbenchError(f"vqa: {path} has no questions")
         return out
@@ -203,16 +204,18 @@ class VQA(Task):
             img_ds = datasets.load_dataset(name, config.replace("instructions", "images"), split=split)
             index = {iid: i for i, iid in enumerate(img_ds["id"])}
             images = (img_ds, index)
+        info = ds.remove_columns([c for c in ds.column_names if c == "image"])  # no image decoding here
         rows = []
         for i in range(n):
-            row = ds[i]
+            row = info[i]
             if images is not None:
                 img_ds, index = images
                 image = (lambda j=index[row["imageId"]], d=img_ds: d[j]["image"])
             else:
                 image = (lambda j=i, d=ds: d[j]["image"])
-            rows.append({"id": str(row.get("question_id", row.get("questionId", i))), "image": image,
-                         "question": row["question"], "answers": _answers(row)})
+            qid = row.get("question_id", row.get("questionId", row.get("id", i)))
+            rows.append({"id": str(qid), "image": image, "question": row["question"], "answers": _answers(row),
+                         "category": row.get("category")})
         return rows, f"hub:{name}"
 
     def samples(self, loaded: LoadedModel) -> list[Sample]:
@@ -228,6 +231,8 @@ class VQA(Task):
             image = r["image"]
             meta = {"variant": self.variant, "answers": answers, "source": source,
                     "image": image if isinstance(image, str) else None, "raw_question": r["question"]}
+            if r.get("category") is not None:
+                meta["category"] = str(r["category"])
             out.append(VQASample(id=f"{self.variant}-{r['id']}", question=prompt, answer=majority,
                                  max_new_tokens=self.max_new_tokens, meta=meta, image=image))
         ids = [s.id for s in out]
@@ -253,10 +258,20 @@ class VQA(Task):
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         out = super().aggregate(rows)
         if self.variant == "pope" and rows:
-            said = ["yes" if r["metrics"].get("yes") else "no" for r in rows]
-            labels = [("no" if str(r.get("answer")).strip().lower() == "no" else "yes") for r in rows]
-            out.update(pope_scores(said, labels))
+            def scores(part: list[dict[str, Any]]) -> dict[str, float]:
+                said = ["yes" if r["metrics"].get("yes") else "no" for r in part]
+                labels = [("no" if str(r.get("answer")).strip().lower() == "no" else "yes") for r in part]
+                return pope_scores(said, labels)
+
+            out.update(scores(rows))
             out.pop("yes", None)
+            cats = sorted({str((r.get("meta") or {}).get("category")) for r in rows
+                           if (r.get("meta") or {}).get("category") is not None})
+            if cats:  # POPE's adversarial / popular / random splits, and LLaVA's mean F1 over them
+                for cat in cats:
+                    part = scores([r for r in rows if str((r.get("meta") or {}).get("category")) == cat])
+                    out[f"f1@{cat}"], out[f"accuracy@{cat}"] = part["f1"], part["accuracy"]
+                out["f1_mean_categories"] = sum(out[f"f1@{c}"] for c in cats) / len(cats)
         return out
 
 

@@ -171,6 +171,11 @@ def test_variants_scores_and_pope_aggregate(tmp_path: Path) -> None:
     agg = pope.aggregate(rows)  # TP 2, FP 1, TN 2, FN 1
     assert agg == pytest.approx({"accuracy": 4 / 6, "precision": 2 / 3, "recall": 2 / 3, "f1": 2 / 3,
                                  "yes_ratio": 0.5})
+    for r, cat in zip(rows, ["random", "random", "random", "popular", "popular", "popular"]):
+        r["meta"] = {"category": cat}
+    agg = pope.aggregate(rows)  # random: TP 1, FP 1, FN 1 -> F1 1/2; popular: TP 1, TN 2 -> F1 1
+    assert agg["f1@random"] == pytest.approx(0.5) and agg["f1@popular"] == 1.0
+    assert agg["f1_mean_categories"] == pytest.approx(0.75) and agg["accuracy@random"] == pytest.approx(1 / 3)
     gqa = build("task", {"name": "vqa", "variant": "gqa", "data": "demo"})
     s = gqa.samples(None)[2]
     assert s.meta["answers"] == ["cat"] and gqa.score(s, "Cat.") == {"accuracy": 1.0}
@@ -214,3 +219,38 @@ def test_cli_run_tiny_llava_fastv_on_photos(photo_jsonl: Path, tmp_path: Path) -
         assert rec["latency"][k] > 0
     rows = [json.loads(line) for line in (run_dir / "samples.jsonl").read_text().splitlines()]
     assert all(r["compression"]["visual_tokens_kept"] == 16 and r["compression"]["prune_layer"] == 2 for r in rows)
+
+
+def test_hub_loaders_read_the_lmms_lab_layouts(monkeypatch) -> None:
+    """The Hugging Face path with in-memory datasets shaped like lmms-lab's VQAv2 (answers as dicts, images in
+    the rows) and GQA (instructions and images in two configs joined by imageId): no network."""
+    datasets = pytest.importorskip("datasets")
+    from PIL import Image
+    from skimage import data
+
+    cat, cup = Image.fromarray(data.chelsea()), Image.fromarray(data.coffee())
+    vqav2 = datasets.Dataset.from_dict({
+        "question_id": [7, 8], "question": ["What animal?", "What drink?"],
+        "answers": [[{"answer": "cat", "answer_id": i} for i in range(10)],
+                    [{"answer": "coffee", "answer_id": i} for i in range(10)]],
+        "image": [cat, cup]}).cast_column("image", datasets.Image())
+    gqa_q = datasets.Dataset.from_dict({"id": ["g1"], "imageId": ["n2"], "question": ["What is in the cup?"],
+                                        "answer": ["coffee"]})
+    gqa_img = datasets.Dataset.from_dict({"id": ["n1", "n2"], "image": [cat, cup]}).cast_column("image", datasets.Image())
+    calls = []
+
+    def fake_load(name, config=None, split=None):
+        calls.append((name, config, split))
+        if name == "lmms-lab/VQAv2":
+            return vqav2
+        return gqa_q if config.endswith("instructions") else gqa_img
+
+    monkeypatch.setattr(datasets, "load_dataset", fake_load)
+    samples = build("task", {"name": "vqa"}).samples(None)
+    assert calls[0] == ("lmms-lab/VQAv2", None, "validation")
+    assert [s.id for s in samples] == ["vqav2-7", "vqav2-8"] and samples[1].meta["answers"] == ["coffee"] * 10
+    assert samples[0].meta["source"] == "hub:lmms-lab/VQAv2" and samples[0].image().size == (451, 300)
+    gqa = build("task", {"name": "vqa", "variant": "gqa"}).samples(None)
+    assert calls[1:] == [("lmms-lab/GQA", "testdev_balanced_instructions", "testdev"),
+                         ("lmms-lab/GQA", "testdev_balanced_images", "testdev")]
+    assert gqa[0].id == "gqa-g1" and gqa[0].answer == "coffee" and gqa[0].image().size == (600, 400)
