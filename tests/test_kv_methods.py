@@ -13,7 +13,7 @@ import torch
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import KVMethod, ScoreContext
-from tokenbench.kv_cache import EvictionCache
+from tokenbench.kv_cache import EvictionCache, aligned
 from tokenbench.lm import LMRunner, Prompt
 from tokenbench.models.tiny import TinyLlama
 from tokenbench.registry import METHODS, load_all
@@ -221,8 +221,9 @@ def test_cache_bytes_drop_in_proportion(loaded, cls) -> None:
     out, full = gen(loaded, m, p, n=3, logits=False), gen(loaded, NoneKV(), p, n=3, logits=False)
     ptb = per_token_bytes(loaded, batch=2)
     kept = out.compression["kept_tokens_per_layer"]
-    assert full.kv_cache_bytes == 2 * (P + S + 3) * ptb
-    assert out.kv_cache_bytes == sum(int(k) + S + 3 for k in kept) * ptb
+    # allocated slots are rounded up to a multiple of SLOT_ALIGN (aligned rows keep tensor-core kernels)
+    assert full.kv_cache_bytes == 2 * aligned(P + S + 3) * ptb
+    assert out.kv_cache_bytes == sum(aligned(int(k) + S + 3) for k in kept) * ptb
     assert out.compression["kv_cache_bytes_used"] == sum(int(k) + S for k in kept) * ptb
     assert sum(kept) / len(kept) == pytest.approx(m.budget(P), abs=0.5)
     assert out.compression["achieved_keep_ratio"] == pytest.approx(sum(kept) / len(kept) / P)
@@ -347,7 +348,8 @@ def test_streaming_llm_rolling_window_during_decode(loaded) -> None:
                 window = list(range(at + 1 - (capacity - 2), at + 1))
                 for layer in cache.layers:
                     assert live_positions(layer) == [[[0, 1] + window] * 2]
-                    assert layer.capacity == capacity + 1  # one spare slot, reused every step
+                    # one spare slot, reused every step (the buffer rounded up to SLOT_ALIGN slots)
+                    assert layer.capacity == aligned(capacity + 1)
 
 
 def test_random_is_deterministic_and_seed_dependent(loaded) -> None:
@@ -463,7 +465,7 @@ def test_runner_run_records_everything(loaded, use_template) -> None:
     kept = m.budget(pr.n_context)
     question = pr.n_prompt - pr.n_context
     # two layers, each holding the kept context + the question, with room preallocated for 8 decode steps
-    assert out.memory["kv_cache_bytes"] == 2 * (kept + question + 8) * per_token_bytes(loaded)
+    assert out.memory["kv_cache_bytes"] == 2 * aligned(kept + question + 8) * per_token_bytes(loaded)
     assert out.memory["kv_cache_bytes_used"] == 2 * (kept + question) * per_token_bytes(loaded)
     assert out.memory["kv_cache_bytes_end"] == out.memory["kv_cache_bytes"]  # no growth while decoding
     assert out.compression["context_tokens"] == pr.n_context
