@@ -448,7 +448,9 @@ class LMRunner:
             n_gen = min(g.lengths[row], limit)
             ids = g.tokens[row, :n_gen].tolist()
             outs.append(GenerationOutput(
-                text=self.tokenizer.decode(ids, skip_special_tokens=True).strip(),
+                # the decoded text as generated (LongBench's pred.py and lm-eval keep it raw; code similarity
+                # reads the first line's indentation); tasks normalise what their metric needs
+                text=self.tokenizer.decode(ids, skip_special_tokens=True),
                 n_prompt_tokens=p.n_prompt,
                 n_context_tokens=p.n_context,
                 n_generated=n_gen,

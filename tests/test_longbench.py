@@ -275,6 +275,10 @@ def test_code_similarity() -> None:
     assert code_sim_score("\n# comment\nreturn x + 1\n", "return x+1") == 0.91
     assert code_sim_score("```python", "return x") == 0.0  # no usable line: '' against the truth
     assert code_sim_score("return x", "return x") == 1.0
+    # indentation is part of the line (lcc / repobench-p answers are indented code): the runner hands the
+    # metric the raw generated text, so a stripped prediction would lose 0.95 -> 0.67 here
+    assert code_sim_score("        return x + 1\n", "        return x+1") == 0.95
+    assert code_sim_score("return x + 1", "        return x+1") == 0.67
 
 
 def test_score_sample_post_processing_and_best_answer() -> None:
