@@ -7,7 +7,7 @@ next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue b
 
 Same numerics as the transformers modules they replace (float32 RMSNorm, weight multiplied in the input dtype);
 applied to every method alike, the baseline included. Patches the model *instances* (and, process-wide, the
-modeling module's ``apply_rotary_pos_emb`` and the kv decode attention), so it works for Llama, Qwen2/3,
+modeling module's ``apply_rotary_pos_emb``, the kv decode attention and the decode-time eviction step), so it works for Llama, Qwen2/3,
 Mistral and other models built from the same parts.
 """
 
@@ -90,5 +90,8 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
     from tokenbench import kv_attention
 
     kv_attention.DECODE_IMPL[0] = _compile("decode_attention", kv_attention.decode_attention)
+    from tokenbench.families import kv as kv_family
+
+    kv_family.EVICT_IMPL[0] = _compile("evict_lowest", kv_family.evict_lowest)
     model._tokenbench_fused = counts
     return counts

@@ -522,24 +522,31 @@ def test_sdpa_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
     assert_same_generation(gen(loaded, m, p), ref, tol=1e-5)
 
 
-def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch) -> None:
-    """measure.fuse_kernels (compiled RMSNorm/RoPE/MLP glue) leaves tokens and logits as they were."""
+@pytest.mark.parametrize("name", ["streaming_llm", "tova"])
+def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None:
+    """measure.fuse_kernels (compiled RMSNorm/RoPE/MLP glue, decode attention and, for a decode-time method,
+    the eviction step) leaves tokens and logits as they were."""
     import copy
     import sys
 
     from tokenbench import kv_attention
+    from tokenbench.families import kv as kv_family
 
-    # fusion swaps module-level functions (the model's RoPE, the decode attention): restore them afterwards
+    if name not in IDS:
+        pytest.skip(f"{name} not registered")
+    # fusion swaps module-level functions (the model's RoPE, the decode attention, the eviction step): restore
     modeling = sys.modules[type(loaded_sdpa.model.model.layers[0].self_attn).__module__]
     monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
     monkeypatch.setattr(kv_attention, "DECODE_IMPL", list(kv_attention.DECODE_IMPL))
+    monkeypatch.setattr(kv_family, "EVICT_IMPL", list(kv_family.EVICT_IMPL))
 
-    m = METHODS.get("streaming_llm", "kv").cls(keep_ratio=0.5)
+    m = METHODS.get(name, "kv").cls(keep_ratio=0.5, **({"phase": "both"} if name == "tova" else {}))
     p = Prompt.batch(ragged(16, [40, 30], [6, 6]))
     ref = gen(loaded_sdpa, m, p)
     fused_lm = copy.deepcopy(loaded_sdpa)
     runner = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True))
     assert runner.fused["rms_norm"] == 5 and runner.fused["mlp"] == 2  # 2 layers x 2 norms + final; 2 MLPs
+    assert kv_family.EVICT_IMPL[0] is not kv_family.evict_lowest  # the compiled eviction step is in use
     assert_same_generation(runner.generate(p, 6, 6, return_logits=True), ref, tol=1e-5)
 
 
