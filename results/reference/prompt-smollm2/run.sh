@@ -14,6 +14,10 @@ for TASK in "$NIAH" "$NEWS"; do
     done
   done
 done
+# selective_context at sentence level on niah (run after the grid above)
+for R in 0.5 0.25; do
+  tokenbench $COMMON $NIAH method=selective_context method.unit=sentence method.keep_ratio=$R
+done
 # On the 2-core machine the multi_news runs at keep 0.25 were stopped (other jobs had started; the 2-thread
 # processes slowed to ~0.85 s per token) and resumed with one thread each — the same commands, prefixed by
 # OMP_NUM_THREADS=1 MKL_NUM_THREADS=1; a resumed run continues after its last recorded sample.
