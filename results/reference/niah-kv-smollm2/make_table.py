@@ -12,6 +12,18 @@ from tokenbench.text_metrics import answer_prefix
 RUNS, OUT = Path("results/runs"), Path(__file__).parent
 
 
+def defaults(method: str, params: dict) -> bool:
+    """Whether the run used the method's default parameters (budget and query_aware aside)."""
+    from dataclasses import fields
+
+    from tokenbench.registry import METHODS, load_all
+
+    load_all()
+    cls = METHODS.get(method, "kv").cls
+    skip = {"keep_ratio", "n_keep", "query_aware"}
+    return all(params.get(f.name) == f.default for f in fields(cls) if f.name not in skip and f.name in params)
+
+
 def main() -> None:
     rows = []
     (OUT / "records").mkdir(exist_ok=True)
@@ -22,6 +34,8 @@ def main() -> None:
                 or "paul_graham" not in str(tp.get("haystack_dir")) or r["status"] != "ok"):
             continue
         if r["method"] != "none" and mp.get("keep_ratio") != 0.25:
+            continue
+        if not defaults(r["method"], mp):  # e.g. snapkv with other pooling: reported apart in the README
             continue
         samples = [json.loads(x) for x in (f.parent / "samples.jsonl").read_text().splitlines() if x.strip()]
         by_depth = {s["sample_id"].split("depth")[1]: s for s in samples}
