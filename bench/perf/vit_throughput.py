@@ -450,7 +450,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         ),
         help="model:method:r[:execution] points of the harness-overhead measurement ('' to skip)",
     )
-    ap.add_argument("--overhead-batches", type=int, default=16)
+    ap.add_argument("--overhead-batches", type=int, default=64)
     ap.add_argument("--pipeline-depths", default="2", help="vision.PIPELINE_DEPTH values, overhead")
     ap.add_argument("--budget-s", type=float, default=420, help="skip compile points after this many seconds")
     ap.add_argument(
