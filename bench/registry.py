@@ -94,6 +94,12 @@ class Registry:
     def __contains__(self, name: str) -> bool:
         return name in self._entries
 
+    def family(self, family: str) -> list[type]:
+        """Every class registered for a method ``family``, sorted by registered name (what the parametrized
+        tests and the benchmarks iterate over, so a new method is covered the moment it registers)."""
+        classes = {e.cls for entries in self._entries.values() for e in entries if e.family == family}
+        return sorted(classes, key=lambda c: c.registered_name)
+
 
 METHODS = Registry("method")
 TASKS = Registry("task")

@@ -21,8 +21,7 @@ from tokenbench.task import Sample
 
 load_all()
 
-KV_METHODS = sorted({e.cls for n in METHODS.names() for e in METHODS.entries(n) if e.family == "kv"},
-                    key=lambda c: c.registered_name)
+KV_METHODS = METHODS.family("kv")
 IDS = [c.registered_name for c in KV_METHODS]
 NoneKV = METHODS.get("none", "kv").cls
 P, S = 40, 6  # prefix (compressible) and suffix lengths of the synthetic prompts

@@ -25,8 +25,7 @@ from tokenbench.tasks.niah import NeedleInAHaystack
 
 load_all()
 
-PROMPT_METHODS = sorted({e.cls for n in METHODS.names() for e in METHODS.entries(n) if e.family == "prompt"},
-                        key=lambda c: c.registered_name)
+PROMPT_METHODS = METHODS.family("prompt")
 IDS = [c.registered_name for c in PROMPT_METHODS]
 BUDGETED = [c for c in PROMPT_METHODS if c.takes_budget]
 BIDS = [c.registered_name for c in BUDGETED]

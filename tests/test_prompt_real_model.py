@@ -22,8 +22,8 @@ ESSAYS = SHARED / "paul_graham_essays"
 LONGBENCH = SHARED / "longbench"
 
 registry.load_all()
-PROMPT = sorted({e.cls.registered_name for n in registry.METHODS.names() for e in registry.METHODS.entries(n)
-                 if e.family == "prompt" and e.cls.takes_budget and e.cls.registered_name != "random"})
+PROMPT = sorted(c.registered_name for c in registry.METHODS.family("prompt")
+                if c.takes_budget and c.registered_name != "random")
 
 
 @pytest.fixture(scope="module")

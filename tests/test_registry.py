@@ -40,6 +40,17 @@ def test_every_entry_is_in_configstore_with_its_name(kind: str) -> None:
         assert node["name"] == name
 
 
+@pytest.mark.parametrize("family", ["kv", "vit", "vlm", "prompt"])
+def test_family_lists_each_class_of_the_family_once(family: str) -> None:
+    """``METHODS.family`` (what the parametrized tests iterate over): every class of the family, shared names
+    included, each once, sorted by name, and nothing of another family."""
+    got = registry.METHODS.family(family)
+    expected = {e.cls for n in registry.METHODS.names() for e in registry.METHODS.entries(n) if e.family == family}
+    assert set(got) == expected and len(got) == len(expected)
+    assert [c.registered_name for c in got] == sorted(c.registered_name for c in expected)
+    assert {"none", "random"} <= {c.registered_name for c in got}
+
+
 def test_override_field_without_yaml_is_typed() -> None:
     cfg = _compose("model=tiny-llama", "method=streaming_llm", "method.keep_ratio=0.25", "method.n_sink=2")
     assert cfg.method.name == "streaming_llm"

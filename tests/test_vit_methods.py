@@ -20,10 +20,7 @@ from tokenbench.vision import count_flops
 
 load_all()
 
-VIT_METHODS = sorted(
-    {e.cls for n in METHODS.names() for e in METHODS.entries(n) if e.family == "vit"},
-    key=lambda c: c.registered_name,
-)
+VIT_METHODS = METHODS.family("vit")
 IDS = [c.registered_name for c in VIT_METHODS]
 BUDGETED = [c for c in VIT_METHODS if c.takes_budget]
 BUDGET_IDS = [c.registered_name for c in BUDGETED]

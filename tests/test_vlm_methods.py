@@ -17,8 +17,7 @@ from tokenbench.vlm import VLMRunner
 
 load_all()
 
-VLM_METHODS = sorted({e.cls for n in METHODS.names() for e in METHODS.entries(n) if e.family == "vlm"},
-                     key=lambda c: c.registered_name)
+VLM_METHODS = METHODS.family("vlm")
 IDS = [c.registered_name for c in VLM_METHODS]
 BUDGETED = [c for c in VLM_METHODS if c.takes_budget]
 BUDGET_IDS = [c.registered_name for c in BUDGETED]

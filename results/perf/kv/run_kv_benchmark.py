@@ -207,8 +207,7 @@ def main() -> None:
     device = "cpu" if args.tiny or not torch.cuda.is_available() else "cuda"
     loaded = load(args.tiny, device)
     peak_bw, gpu = peak_bandwidth(device)
-    names = args.methods or sorted({e.cls.registered_name for n in METHODS.names() for e in METHODS.entries(n)
-                                    if e.family == "kv"})
+    names = args.methods or [c.registered_name for c in METHODS.family("kv")]
     names = ["none"] + [n for n in names if n != "none"]
     result: dict[str, Any] = {"gpu": gpu, "peak_hbm_bytes_per_s": peak_bw, "copy_bw_bytes_per_s":
                               copy_bandwidth(device), "weights_bytes": loaded.weights_bytes,
