@@ -5,6 +5,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
+from tokenbench.errors import TokenbenchError
+
 
 @dataclass
 class Method:
@@ -35,3 +37,29 @@ class Method:
     def is_noop(self) -> bool:
         """True when the method keeps everything (the family runner may then skip its machinery)."""
         return False
+
+
+class KeepAll:
+    """Mixin for a family's ``none`` baseline (put it before the family base): no reduction at all.
+
+    The family's budget fields stay in the schema, so a sweep whose shared budget override reaches the
+    baseline (``-m method=none,tome method.r=8``) composes, but only their keep-all values (``keep_all``) are
+    accepted, with a one-line error otherwise."""
+
+    takes_budget: ClassVar[bool] = False
+    keep_all: ClassVar[dict[str, Any]] = {}  # each budget field and its keep-everything value
+
+    def validate(self) -> None:
+        super().validate()  # type: ignore[misc]
+        got = {k: getattr(self, k) for k in self.keep_all}
+        if got != self.keep_all:
+            shown = ", ".join(f"{k}={v}" for k, v in got.items())
+            label = self.label  # type: ignore[attr-defined]
+            raise TokenbenchError(f"method '{label}' keeps every token and takes no budget (got {shown}); "
+                                  "run it once as the baseline")
+
+    def is_noop(self) -> bool:
+        return True
+
+    def nominal_budget(self) -> dict[str, Any]:
+        return dict(self.keep_all)

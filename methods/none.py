@@ -7,35 +7,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import PHASES, KVMethod
+from tokenbench.method import KeepAll
 from tokenbench.registry import register_method
 
 
 @register_method("none", family="kv")
 @dataclass
-class NoKV(KVMethod):
+class NoKV(KeepAll, KVMethod):
     """Keeps every cached token. ``query_aware`` still chooses how the prompt is prefilled (one forward with
     the question, or context then question), so the baseline matches either setting of the other methods."""
 
     supported_phases: ClassVar[tuple[str, ...]] = PHASES
-    takes_budget: ClassVar[bool] = False
-
-    # The budget fields stay in the schema (so a sweep `-m method=a,b method.keep_ratio=0.5`, whose base config
-    # Hydra composes with this default method, is valid), but the baseline accepts only keep-all.
-    def validate(self) -> None:
-        super().validate()
-        if float(self.keep_ratio) != 1.0 or self.n_keep is not None:
-            raise TokenbenchError(
-                f"method 'none' keeps every token and takes no budget (got keep_ratio={self.keep_ratio}, "
-                f"n_keep={self.n_keep}); run it once as the baseline"
-            )
-
-    def is_noop(self) -> bool:
-        return True
+    keep_all: ClassVar[dict[str, Any]] = {"keep_ratio": 1.0, "n_keep": None}
 
     def nominal_budget(self) -> dict[str, Any]:
-        return {"keep_ratio": 1.0, "n_keep": None, "phase": None}
+        return {**super().nominal_budget(), "phase": None}
 
     def score(self, ctx):  # never called: nothing is evicted
         raise AssertionError("method 'none' never evicts")

@@ -13,31 +13,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tokenbench.errors import TokenbenchError
 from tokenbench.families.prompt import Fit, PromptCompressor
+from tokenbench.method import KeepAll
 from tokenbench.registry import register_method
 
 
 @register_method("none", family="prompt")
 @dataclass
-class NoPrompt(PromptCompressor):
-    """Keeps the whole context. The budget fields stay in the schema (so ``-m method=prompt_none,truncate
-    method.keep_ratio=...`` composes in a sweep), but only keep-all is accepted."""
+class NoPrompt(KeepAll, PromptCompressor):
+    """Keeps the whole context (the budget fields stay in the schema so ``-m method=prompt_none,truncate
+    method.keep_ratio=...`` composes in a sweep; see ``KeepAll``)."""
 
-    takes_budget: ClassVar[bool] = False
-
-    def validate(self) -> None:
-        super().validate()
-        if self.keep_ratio != 1.0 or self.target_tokens is not None:
-            raise TokenbenchError(
-                f"method '{self.label}' keeps the whole context and takes no budget (got keep_ratio="
-                f"{self.keep_ratio}, target_tokens={self.target_tokens}); run it once as the baseline")
-
-    def is_noop(self) -> bool:
-        return True
-
-    def nominal_budget(self) -> dict[str, Any]:
-        return {"keep_ratio": 1.0, "target_tokens": None}
+    keep_all: ClassVar[dict[str, Any]] = {"keep_ratio": 1.0, "target_tokens": None}
 
     def select(self, body: str, question: str, budget: int) -> Fit:  # never called: nothing is compressed
         raise AssertionError("method 'none' never compresses")

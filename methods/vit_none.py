@@ -6,32 +6,18 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
-from tokenbench.errors import TokenbenchError
 from tokenbench.families.vit import VisionTokenReducer
+from tokenbench.method import KeepAll
 from tokenbench.registry import register_method
 
 
 @register_method("none", family="vit")
 @dataclass
-class NoViT(VisionTokenReducer):
-    """Keeps every token. The budget fields stay in the schema so that a sweep with a fixed budget
-    (``-m method=none,tome method.r=8``) composes, but only keep-all is accepted."""
+class NoViT(KeepAll, VisionTokenReducer):
+    """Keeps every token (the budget fields stay in the schema so that ``-m method=none,tome method.r=8``
+    composes; see ``KeepAll``)."""
 
-    takes_budget: ClassVar[bool] = False
-
-    def validate(self) -> None:
-        super().validate()
-        if self.r != 0:
-            raise TokenbenchError(
-                f"method 'none' keeps every token and takes no budget (got r={self.r}); "
-                "run it once as the baseline"
-            )
-
-    def is_noop(self) -> bool:
-        return True
-
-    def nominal_budget(self) -> dict[str, Any]:
-        return {"r": 0}
+    keep_all: ClassVar[dict[str, Any]] = {"r": 0}
 
     def select(self, x, ctx):  # never called: nothing is reduced
         raise AssertionError("method 'none' never reduces")
