@@ -109,10 +109,7 @@ class LLMLingua2(PromptCompressor):
 
     @property
     def classifier(self) -> LoadedClassifier:
-        lm = getattr(self, "_lm", None)
-        if lm is None:
-            raise TokenbenchError(f"method '{self.label}': call prepare(target) before compress")
-        return lm
+        return self.prepared("_lm")
 
     def chunks(self, pieces: list[str]) -> list[tuple[int, int]]:
         """Word ranges ``[a, b)`` of at most ``max_seq_len - 2`` classifier tokens, ending at a sentence end

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -42,20 +43,24 @@ def loaded():
     return TinyLlama(num_hidden_layers=2).load()
 
 
-@pytest.fixture(scope="module")
-def classifier_dir(tmp_path_factory) -> str:
-    """A tiny random token-classification checkpoint (BERT, 2 labels) with a locally built tokenizer."""
+def save_tiny_classifier(path: Path, tok: Any, max_positions: int) -> str:
+    """A tiny random token-classification checkpoint (BERT, 2 labels, seeded) over ``tok``, saved to ``path``:
+    llmlingua2's published compressor is a hub id, unreachable here."""
     from transformers import BertConfig, BertForTokenClassification
 
-    path = tmp_path_factory.mktemp("llmlingua2-tiny")
-    tok = tiny_tokenizer()
     cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=2, max_position_embeddings=128)
+                     intermediate_size=64, num_labels=2, max_position_embeddings=max_positions)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(0)
         BertForTokenClassification(cfg).save_pretrained(path)
     tok.save_pretrained(path)
     return str(path)
+
+
+@pytest.fixture(scope="module")
+def classifier_dir(tmp_path_factory) -> str:
+    """The tiny classifier with a locally built tokenizer."""
+    return save_tiny_classifier(tmp_path_factory.mktemp("llmlingua2-tiny"), tiny_tokenizer(), 128)
 
 
 def init_fields(cls: type) -> set[str]:

@@ -9,7 +9,6 @@ import json
 from pathlib import Path
 
 import pytest
-import torch
 from hydra import compose, initialize_config_dir
 from tokenbench import registry
 from tokenbench.cli import CONF_DIR
@@ -30,17 +29,10 @@ PROMPT = sorted(c.registered_name for c in registry.METHODS.family("prompt")
 def classifier_dir(tmp_path_factory) -> str:
     """llmlingua2 has no offline checkpoint here: a tiny random BERT classifier over SmolLM2's tokenizer."""
     from tokenbench.models.smollm2 import SmolLM2
-    from transformers import BertConfig, BertForTokenClassification
 
-    tok = SmolLM2().load().tokenizer
-    path = tmp_path_factory.mktemp("llmlingua2-smol")
-    cfg = BertConfig(vocab_size=len(tok), hidden_size=32, num_hidden_layers=1, num_attention_heads=2,
-                     intermediate_size=64, num_labels=2, max_position_embeddings=512)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(0)
-        BertForTokenClassification(cfg).save_pretrained(path)
-    tok.save_pretrained(path)
-    return str(path)
+    from test_prompt_methods import save_tiny_classifier
+
+    return save_tiny_classifier(tmp_path_factory.mktemp("llmlingua2-smol"), SmolLM2().load().tokenizer, 512)
 
 
 def run(tmp_path: Path, task: list[str], *method: str):

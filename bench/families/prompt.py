@@ -195,12 +195,16 @@ class PromptCompressor(Method):
         self._target = target if tok is not None else None
         self._tokenizer = tok if tok is not None else target
 
+    def prepared(self, attr: str) -> Any:
+        """An attribute ``prepare`` sets (tokenizer, compressor); a clear error if compress runs before it."""
+        value = getattr(self, attr, None)
+        if value is None:
+            raise TokenbenchError(f"method '{self.label}': call prepare(target) before compress")
+        return value
+
     @property
     def tokenizer(self) -> Any:
-        tok = getattr(self, "_tokenizer", None)
-        if tok is None:
-            raise TokenbenchError(f"method '{self.label}': call prepare(target) before compress")
-        return tok
+        return self.prepared("_tokenizer")
 
     def count(self, text: str) -> int:
         """Tokens of ``text`` with the target tokenizer (no special tokens)."""
@@ -353,10 +357,7 @@ class LMCompressor(PromptCompressor):
 
     @property
     def lm(self) -> Any:
-        lm = getattr(self, "_lm", None)
-        if lm is None:
-            raise TokenbenchError(f"method '{self.label}': call prepare(target) before compress")
-        return lm
+        return self.prepared("_lm")
 
     # --- scoring helpers -----------------------------------------------------------------------------------
 
