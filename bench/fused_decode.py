@@ -7,8 +7,8 @@ next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue b
 
 Same numerics as the transformers modules they replace (float32 RMSNorm, weight multiplied in the input dtype);
 applied to every method alike, the baseline included. Patches the model *instances* (and, process-wide, the
-modeling module's ``apply_rotary_pos_emb``, the kv decode attention and the decode-time eviction step), so it works for Llama, Qwen2/3,
-Mistral and other models built from the same parts.
+modeling module's ``apply_rotary_pos_emb``, the kv decode attention and the decode-time eviction step), so it
+works for Llama, Qwen2/3, Mistral and other models built from the same parts.
 """
 
 from __future__ import annotations

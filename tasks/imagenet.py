@@ -208,7 +208,7 @@ class ImageClassification(Task):
 
     def pin_memory(self) -> None:
         """Move the preloaded images to pinned host memory (once): chunks are then views that upload to a GPU
-        without a copy on the host (at ~20k images/s a per-chunk copy and pin kept ViT-S/16's loop waiting)."""
+        without a host copy (at ~20k images/s a per-chunk copy and pin kept ViT-S/16's loop waiting)."""
         import torch
 
         if self._cache is not None and torch.cuda.is_available() and not self._cache.is_pinned():

@@ -52,17 +52,25 @@ from tokenbench.method import Method
 
 PHASES = ("prefill", "decode", "both")
 HEAD_ALLOCATIONS = ("uniform", "adaptive")
-def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
+
+
+def first_free(valid: torch.Tensor) -> torch.Tensor:
+    """The first empty slot of every row/head, ``(B, H)``: where the next decode step writes."""
+    return (~valid).to(torch.uint8).argmax(dim=-1)
+
+
+def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
+                 cap: torch.Tensor) -> torch.Tensor:
     """One steady-state decode eviction, in place: every row/head holding more than ``cap`` (``(B, 1)``) live
-    tokens frees its lowest-scoring live slot (``valid`` cleared, ``pos`` set to the empty marker). Returns the
-    next write slot per row/head, ``(B, H)``: the first free one. A pure tensor function so that
-    ``measure.fuse_kernels`` can compile it into a few kernels (eager it is ~15 small ones per layer and step)."""
+    tokens frees its lowest-scoring live slot (``valid`` cleared, ``pos`` set to the empty marker). Returns
+    the next write slot per row/head, ``(B, H)``: the first free one. A pure tensor function so that
+    ``measure.fuse_kernels`` can compile it into a few kernels (eager: ~15 small ones per layer and step)."""
     over = valid.sum(dim=-1) > cap  # (B, H)
     victim = scores.float().masked_fill(~valid, float("inf")).argmin(dim=-1, keepdim=True)
     still = valid.gather(2, victim) & ~over.unsqueeze(-1)
     valid.scatter_(2, victim, still)
     pos.scatter_(2, victim, torch.where(still, pos.gather(2, victim), _FAR))
-    return (~valid).to(torch.uint8).argmax(dim=-1)
+    return first_free(valid)
 
 
 EVICT_IMPL = [evict_lowest]  # tokenbench.fused_decode swaps in a compiled version
@@ -523,7 +531,7 @@ class KVSession:
             if bool((layer.n_valid() > cap).any()):
                 valid = layer.valid
                 self._select(layer, scores, valid.clone(), [int(c) for c in cap.view(-1).tolist()], reserve=1)
-                layer.slot = (~layer.valid).to(torch.uint8).argmax(dim=-1)
+                layer.slot = first_free(layer.valid)
                 return
         # steady state, static shapes: free the lowest-scoring live slot of every row/head over capacity
         layer.slot.copy_(EVICT_IMPL[0](scores, layer.valid, layer.pos, cap))
