@@ -7,7 +7,8 @@ next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue b
 
 Same numerics as the transformers modules they replace (float32 RMSNorm, weight multiplied in the input dtype);
 applied to every method alike, the baseline included. Patches the model *instances* (and, process-wide, the
-modeling module's ``apply_rotary_pos_emb``, the kv decode attention and the decode-time eviction step), so it
+modeling module's ``apply_rotary_pos_emb``, the kv decode attention and the decode-time methods' scoring and
+eviction step, ``families.kv.decode_evict``), so it
 works for Llama, Qwen2/3, Mistral and other models built from the same parts.
 """
 
@@ -92,6 +93,6 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
     kv_attention.DECODE_IMPL[0] = _compile("decode_attention", kv_attention.decode_attention)
     from tokenbench.families import kv as kv_family
 
-    kv_family.EVICT_IMPL[0] = _compile("evict_lowest", kv_family.evict_lowest)
+    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict)
     model._tokenbench_fused = counts
     return counts

@@ -25,9 +25,10 @@ import torch.nn.functional as F
 NAME = "tokenbench_kv"
 _ACTIVE: list[Any] = []  # the attached KVSession (a stack: sessions do not nest, but a failure must unwind)
 _registered = False
-# Decode steps of methods that need no attention weights: "matmul" (explicit, GQA-packed) or "sdpa" (fused,
-# masked). The benchmark measures both; "matmul" is the default until measurements say otherwise.
+# Decode-step attention: "matmul" (explicit, GQA-packed), "triton" (split-KV kernel, tokenbench.kv_decode_triton;
+# also yields the weights decode-time methods need), "sdpa" (fused, masked; methods needing no weights only).
 DECODE_BACKEND = "matmul"
+DECODE_BACKENDS = ("matmul", "triton", "sdpa")
 
 
 def register() -> None:
@@ -101,7 +102,12 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
     kvalid, kpos = layer.views()
     weights = None
     if query.shape[2] == 1 and layer.slot is not None:
-        if session.needs_decode_weights or DECODE_BACKEND == "matmul":
+        if DECODE_BACKEND == "triton":
+            from tokenbench import kv_decode_triton
+
+            out, weights = kv_decode_triton.decode_attention(query, key, value, kvalid, scale,
+                                                             want_weights=session.needs_decode_weights)
+        elif session.needs_decode_weights or DECODE_BACKEND == "matmul":
             out, weights = DECODE_IMPL[0](query, key, value, kvalid, scale)
         else:  # fused SDPA over the masked slots; no weights needed
             out = decode_attention_sdpa(query, key, value, kvalid, scale)

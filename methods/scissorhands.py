@@ -109,7 +109,7 @@ class Scissorhands(KVMethod):
                     age = hi - torch.arange(lo, hi + 1, device=flags.device)  # minus 62k
                     word.copy_((flags[:, :, lo:hi + 1].long() << age.view(1, 1, -1, 1)).sum(dim=2))
             return count.copy_(flags.sum(dim=2))
-        top_word, top_bit = divmod(w - 1, _BITS)  # where the oldest step of the window sits
+        top_word, top_bit = (w - 1) // _BITS, (w - 1) % _BITS  # where the oldest step of the window sits
         for step in range(m):
             new = flags[:, :, step].long()
             leaving = (words[top_word] >> top_bit) & 1

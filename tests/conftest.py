@@ -15,6 +15,18 @@ os.environ.setdefault("WANDB_SILENT", "true")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 
+def _interpret_triton_without_gpu() -> None:
+    """No GPU: Triton kernels (tokenbench.kv_decode_triton) run in Triton's interpreter on CPU tensors. The
+    switch is read when triton.language is imported, so it is set here, before any test imports it."""
+    import torch
+
+    if not torch.cuda.is_available():
+        os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+_interpret_triton_without_gpu()
+
+
 def pytest_collection_modifyitems(config: pytest.Config, items: list[pytest.Item]) -> None:
     import torch
 

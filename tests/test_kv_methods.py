@@ -39,6 +39,7 @@ CONFIGURABLE = [c for c in KV_METHODS if configurable(c)]
 CIDS = [c.registered_name for c in CONFIGURABLE]
 PREFILLERS = [c for c in CONFIGURABLE if "prefill" in c.supported_phases]
 DECODERS = [c for c in CONFIGURABLE if "decode" in c.supported_phases]
+DECODE_TIME = [c.registered_name for c in DECODERS]
 
 
 def make(cls: type, **kw) -> KVMethod:
@@ -521,10 +522,27 @@ def test_sdpa_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
     assert_same_generation(gen(loaded, m, p), ref, tol=1e-5)
 
 
-@pytest.mark.parametrize("name", ["streaming_llm", "tova"])
+@pytest.mark.parametrize("name", ["none", "streaming_llm"] + DECODE_TIME)
+def test_triton_decode_backend_matches_matmul(loaded, name, monkeypatch) -> None:
+    """The split-KV Triton decode attention (interpreted on CPU) gives the explicit path's tokens and logits,
+    and to decode-time methods the same attention weights, hence the same evictions."""
+    pytest.importorskip("triton")
+    from tokenbench import kv_attention
+
+    m = NoneKV() if name == "none" else METHODS.get(name, "kv").cls(
+        keep_ratio=0.5, **({"phase": "both"} if name in DECODE_TIME else {}))
+    p = Prompt.batch(ragged(18, [40, 27], [6, 6]))
+    ref = gen(loaded, m, p)
+    monkeypatch.setattr(kv_attention, "DECODE_BACKEND", "triton")
+    out = gen(loaded, m, p)
+    assert_same_generation(out, ref, tol=1e-4)
+    assert out.compression["cache_len_per_layer"] == ref.compression["cache_len_per_layer"]
+
+
+@pytest.mark.parametrize("name", ["streaming_llm"] + DECODE_TIME)
 def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None:
     """measure.fuse_kernels (compiled RMSNorm/RoPE/MLP glue, decode attention and, for a decode-time method,
-    the eviction step) leaves tokens and logits as they were."""
+    its scoring and eviction step, compiled whole) leaves tokens and logits as they were."""
     import copy
     import sys
 
@@ -539,13 +557,13 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None
     monkeypatch.setattr(kv_attention, "DECODE_IMPL", list(kv_attention.DECODE_IMPL))
     monkeypatch.setattr(kv_family, "EVICT_IMPL", list(kv_family.EVICT_IMPL))
 
-    m = METHODS.get(name, "kv").cls(keep_ratio=0.5, **({"phase": "both"} if name == "tova" else {}))
+    m = METHODS.get(name, "kv").cls(keep_ratio=0.5, **({"phase": "both"} if name in DECODE_TIME else {}))
     p = Prompt.batch(ragged(16, [40, 30], [6, 6]))
     ref = gen(loaded_sdpa, m, p)
     fused_lm = copy.deepcopy(loaded_sdpa)
     runner = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True))
     assert runner.fused["rms_norm"] == 5 and runner.fused["mlp"] == 2  # 2 layers x 2 norms + final; 2 MLPs
-    assert kv_family.EVICT_IMPL[0] is not kv_family.evict_lowest  # the compiled eviction step is in use
+    assert kv_family.EVICT_IMPL[0] is not kv_family.decode_evict  # the compiled scoring + eviction is in use
     assert_same_generation(runner.generate(p, 6, 6, return_logits=True), ref, tol=1e-5)
 
 

@@ -73,7 +73,14 @@ def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
     return first_free(valid)
 
 
-EVICT_IMPL = [evict_lowest]  # tokenbench.fused_decode swaps in a compiled version
+def decode_evict(method: KVMethod, ctx: ScoreContext, cap: torch.Tensor) -> torch.Tensor:
+    """A steady-state decode step of a decode-time method: its ``score`` and ``evict_lowest``, in place on the
+    layer. One function so that ``measure.fuse_kernels`` compiles the method's scoring together with the
+    eviction (eager, tova/h2o/scissorhands run 15-40 small kernels per layer and step)."""
+    return evict_lowest(method.score(ctx), ctx.valid, ctx.positions, cap)
+
+
+EVICT_IMPL = [decode_evict]  # tokenbench.fused_decode swaps in a compiled version
 
 ADA_FLOOR = 0.2  # Ada-KV's safeguard: every head keeps at least this fraction of the uniform head budget
 
@@ -524,17 +531,19 @@ class KVSession:
     def _after_decode_step(self, module, layer, query, weights, scale) -> None:
         idx = layer.layer_idx
         ctx = self._context(module, layer, query, weights, scale, "decode", budget=self._decode_cap)
-        scores = self._scores(ctx)
         cap = self._decode_cap
-        if idx not in self._bulk_done:  # first step: the cache may be far over capacity; one bulk eviction
+        if idx not in self._bulk_done:  # first step, eager (scores checked): the cache may be far over capacity
             self._bulk_done.add(idx)
-            if bool((layer.n_valid() > cap).any()):
-                valid = layer.valid
-                self._select(layer, scores, valid.clone(), [int(c) for c in cap.view(-1).tolist()], reserve=1)
+            scores = self._scores(ctx)
+            if bool((layer.n_valid() > cap).any()):  # one bulk eviction down to capacity
+                self._select(layer, scores, layer.valid.clone(), [int(c) for c in cap.view(-1).tolist()], reserve=1)
                 layer.slot = first_free(layer.valid)
-                return
+            else:
+                layer.slot.copy_(evict_lowest(scores, layer.valid, layer.pos, cap))
+            return
         # steady state, static shapes: free the lowest-scoring live slot of every row/head over capacity
-        layer.slot.copy_(EVICT_IMPL[0](scores, layer.valid, layer.pos, cap))
+        layer.slot.copy_(EVICT_IMPL[0](self.method, ctx, cap))
+        self._steps[idx] = self._steps.get(idx, 0) + 1
 
     # --- what the runner and the tests read -----------------------------------------------------------
 

@@ -2,6 +2,7 @@
 in the captured graph; the graph removes the launch gaps). Prints the top kernels and the GPU time per step.
 
     python results/perf/kv/profile_decode.py --context 8192 --batch 1 --method none
+    python results/perf/kv/profile_decode.py --context 32768 --batch 8 --method h2o --fuse --decode-backend triton
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_kv_benchmark import load, make_method  # noqa: E402
+from tokenbench import kv_attention  # noqa: E402
 from tokenbench.config import MeasureSettings  # noqa: E402
 from tokenbench.lm import LMRunner  # noqa: E402
 from tokenbench.registry import load_all  # noqa: E402
@@ -28,12 +30,16 @@ def main() -> None:
     ap.add_argument("--keep", type=float, default=0.1)
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels, as the benchmark's --fuse")
+    ap.add_argument("--decode-backend", default="matmul", choices=kv_attention.DECODE_BACKENDS)
     args = ap.parse_args()
     load_all()
+    kv_attention.DECODE_BACKEND = args.decode_backend
     device = "cpu" if args.tiny else "cuda"
     loaded = load(args.tiny, device)
     ids = torch.randint(10, 500, (args.batch, args.context + 32)).to(device)
-    runner = LMRunner(loaded, make_method(args.method, args.keep), MeasureSettings(warmup=0, cuda_graph=False))
+    runner = LMRunner(loaded, make_method(args.method, args.keep), MeasureSettings(warmup=0, cuda_graph=False,
+                                                                                     fuse_kernels=args.fuse))
     pm = torch.ones(args.batch, args.context, dtype=torch.bool, device=device)
     sm = torch.ones(args.batch, 32, dtype=torch.bool, device=device)
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
