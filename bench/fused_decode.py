@@ -23,9 +23,9 @@ import torch.nn.functional as F
 _compiled: dict[str, Callable] = {}
 
 
-def _compile(name: str, fn: Callable) -> Callable:
+def _compile(name: str, fn: Callable, dynamic: bool | None = True) -> Callable:
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=True, fullgraph=True)
+        _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
     return _compiled[name]
 
 
@@ -93,6 +93,8 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
     kv_attention.DECODE_IMPL[0] = _compile("decode_attention", kv_attention.decode_attention)
     from tokenbench.families import kv as kv_family
 
-    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict)
+    # dynamic=None: a method's integer settings (scissorhands' history window, used in bit masks) stay
+    # constants; shapes become symbolic once they change (a compiled ``2 ** s`` fails in inductor on GPU)
+    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict, dynamic=None)
     model._tokenbench_fused = counts
     return counts

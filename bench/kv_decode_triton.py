@@ -32,7 +32,7 @@ except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None
 
 BLOCK = 64  # slots per inner iteration
-PROGRAMS_PER_SM = 4  # split the slots until about this many programs per streaming multiprocessor
+PROGRAMS_PER_SM = 2  # split the slots until about this many programs per streaming multiprocessor
 NUM_WARPS, NUM_STAGES = 4, 3  # launch configuration of the split kernel (results/perf/kv/bench_decode_attention.py)
 
 
@@ -44,7 +44,7 @@ def _partial(Q, K, V, VALID, O, M, L, LOGITS,
              sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sl_b, sl_h,
              C, split_len, NSPLIT, scale,
              G: tl.constexpr, GP: tl.constexpr, D: tl.constexpr, BLOCK_N: tl.constexpr,
-             WRITE_LOGITS: tl.constexpr):
+             WRITE_LOGITS: tl.constexpr, PRECISION: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
     s = tl.program_id(2)
@@ -63,7 +63,7 @@ def _partial(Q, K, V, VALID, O, M, L, LOGITS,
         nm = n < hi
         k = tl.load(K + b * sk_b + h * sk_h + n[:, None] * sk_n + d[None, :], mask=nm[:, None], other=0.0)
         ok = tl.load(VALID + b * sm_b + h * sm_h + n, mask=nm, other=0) != 0
-        x = tl.dot(q, tl.trans(k)) * scale
+        x = tl.dot(q, tl.trans(k), input_precision=PRECISION) * scale
         x = tl.where(ok[None, :], x, float("-inf"))
         if WRITE_LOGITS:
             tl.store(LOGITS + b * sl_b + qh[:, None] * sl_h + n[None, :], x, mask=gmask[:, None] & nm[None, :])
@@ -73,7 +73,7 @@ def _partial(Q, K, V, VALID, O, M, L, LOGITS,
         p = tl.exp(x - m_use[:, None])
         l_i = l_i * alpha + tl.sum(p, 1)
         v = tl.load(V + b * sv_b + h * sv_h + n[:, None] * sv_n + d[None, :], mask=nm[:, None], other=0.0)
-        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v)
+        acc = acc * alpha[:, None] + tl.dot(p.to(v.dtype), v, input_precision=PRECISION)
         m_i = m_new
     row = (b * tl.num_programs(1) * G + qh) * NSPLIT + s  # partials laid out (B, Hq, NSPLIT)
     tl.store(M + row, m_i, mask=gmask)
@@ -148,6 +148,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
         logits.stride(0) if want_weights else 0, logits.stride(1) if want_weights else 0,
         c, split_len, ns, float(scaling),
         G=g, GP=max(16, triton.next_power_of_2(g)), D=d, BLOCK_N=BLOCK, WRITE_LOGITS=want_weights,
+        PRECISION="ieee" if value.dtype == torch.float32 else "tf32",  # float32 caches: no TF32 rounding
         num_warps=NUM_WARPS, num_stages=NUM_STAGES)
     out = torch.empty(b, hq, 1, d, dtype=value.dtype, device=dev)
     lse = torch.empty(b, hq, dtype=torch.float32, device=dev)

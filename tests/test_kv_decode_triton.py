@@ -92,7 +92,7 @@ def test_split_plan_fills_the_gpu_without_empty_slices() -> None:
     dev = torch.device("cpu")  # 8 "multiprocessors" off a GPU
     assert kv_decode_triton.n_splits(1, 8, 64, dev) == 1  # one block: never split
     assert kv_decode_triton.n_splits(8, 8, 32768, dev) == 1  # 64 programs >= 4 per SM already
-    assert kv_decode_triton.n_splits(1, 2, 32768, dev) == 16
+    assert kv_decode_triton.n_splits(1, 2, 32768, dev) == 8
 
 
 def test_rejects_what_it_cannot_run() -> None:
