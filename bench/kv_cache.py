@@ -39,6 +39,24 @@ def aligned(n: int) -> int:
     return -(-int(n) // SLOT_ALIGN) * SLOT_ALIGN
 
 
+def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
+                 slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
+                 qpos: torch.Tensor) -> torch.Tensor:
+    """A decode step's write, in place: the new key/value of every row and head into its ``slot`` ``(B, H)``,
+    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). Returns the written slots ``(B, H, 1)``.
+    A pure function so that ``measure.fuse_kernels`` compiles the four scatters together."""
+    b, h = slot.shape
+    idx = slot.unsqueeze(-1)
+    keys.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]), key_states)
+    values.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1]), value_states)
+    valid.scatter_(2, idx, qvalid.view(b, 1, 1).expand(b, h, 1))
+    pos.scatter_(2, idx, qpos.view(b, 1, 1).expand(b, h, 1))
+    return idx
+
+
+WRITE_IMPL = [write_decode]  # tokenbench.fused_decode swaps in a compiled version
+
+
 class EvictionLayer(CacheLayerMixin):
     """One layer's slots. ``update`` is called by the attention module with the new keys/values."""
 
@@ -86,12 +104,8 @@ class EvictionLayer(CacheLayerMixin):
         qpos, qvalid = self.cache.query_positions, self.cache.query_valid  # (B, q) each, set by the runner
         b, h = key_states.shape[:2]
         if self.slot is not None and q == 1:  # decode: one slot per row and head
-            idx = self.slot.unsqueeze(-1)  # (B, H, 1)
-            self.keys.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.keys.shape[-1]), key_states)
-            self.values.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, self.values.shape[-1]), value_states)
-            self.valid.scatter_(2, idx, qvalid.view(b, 1, 1).expand(b, h, 1))
-            self.pos.scatter_(2, idx, qpos.view(b, 1, 1).expand(b, h, 1))
-            self.last_written = idx
+            self.last_written = WRITE_IMPL[0](self.keys, self.values, self.valid, self.pos, self.slot, key_states,
+                                              value_states, qvalid, qpos)
         else:
             if self.slot is not None:
                 raise RuntimeError("multi-token forward after decoding started")

@@ -10,6 +10,7 @@ from typing import ClassVar
 
 import pytest
 import torch
+import torch.nn.functional as F
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import KVMethod, ScoreContext
@@ -556,6 +557,9 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None
     monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
     monkeypatch.setattr(kv_attention, "DECODE_IMPL", list(kv_attention.DECODE_IMPL))
     monkeypatch.setattr(kv_family, "EVICT_IMPL", list(kv_family.EVICT_IMPL))
+    from tokenbench import kv_cache
+
+    monkeypatch.setattr(kv_cache, "WRITE_IMPL", list(kv_cache.WRITE_IMPL))
 
     m = METHODS.get(name, "kv").cls(keep_ratio=0.5, **({"phase": "both"} if name in DECODE_TIME else {}))
     p = Prompt.batch(ragged(16, [40, 30], [6, 6]))
@@ -563,7 +567,11 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None
     fused_lm = copy.deepcopy(loaded_sdpa)
     runner = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True))
     assert runner.fused["rms_norm"] == 5 and runner.fused["mlp"] == 2  # 2 layers x 2 norms + final; 2 MLPs
+    assert runner.fused["qkv"] == 2
+    attn = fused_lm.model.model.layers[0].self_attn
+    assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.nbytes
     assert kv_family.EVICT_IMPL[0] is not kv_family.decode_evict  # the compiled scoring + eviction is in use
+    assert kv_cache.WRITE_IMPL[0] is not kv_cache.write_decode
     assert_same_generation(runner.generate(p, 6, 6, return_logits=True), ref, tol=1e-5)
 
 
@@ -578,3 +586,27 @@ def test_merge_keeps_method_state_of_groups_that_never_evicted(loaded) -> None:
         runner = LMRunner(loaded, m, MeasureSettings(warmup=0))
         whole = runner.generate(p, 6, 6, return_logits=True)
         assert_same_generation(whole, runner.generate(p, 6, 6, return_logits=True, prefill_rows=1))
+
+
+def test_fused_qkv_projection_with_biases_and_foreign_inputs() -> None:
+    """The one-GEMM query/key/value projection (fused_decode._fused_qkv) on a model with q/k/v biases (Qwen2):
+    same projections as the three Linear layers, and k_proj/v_proj called on another input compute their own."""
+    from transformers import Qwen2Config
+    from transformers.models.qwen2.modeling_qwen2 import Qwen2Attention
+
+    from tokenbench import fused_decode
+
+    cfg = Qwen2Config(hidden_size=32, num_attention_heads=4, num_key_value_heads=2, intermediate_size=64)
+    torch.manual_seed(0)
+    attn = Qwen2Attention(cfg, layer_idx=0)
+    assert attn.q_proj.bias is not None
+    x, other = torch.randn(2, 3, 32), torch.randn(2, 3, 32)
+    ref = [F.linear(t, p.weight, p.bias) for p in (attn.q_proj, attn.k_proj, attn.v_proj) for t in (x, other)]
+    assert fused_decode._fused_qkv(attn)
+    got = [attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)]  # the attention module's order: one GEMM
+    got_other = [attn.q_proj(other), attn.k_proj(x), attn.v_proj(other)]  # k_proj on x: not the stashed input
+    for g, r in zip(got, ref[0::2]):
+        torch.testing.assert_close(g, r)
+    torch.testing.assert_close(got_other[0], ref[1])
+    torch.testing.assert_close(got_other[1], ref[2])  # computed by itself
+    torch.testing.assert_close(got_other[2], ref[5])
