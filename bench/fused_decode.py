@@ -1,6 +1,6 @@
 """Optional kernel fusion for LLM decoding (``measure.fuse_kernels``): ``torch.compile`` the elementwise parts
 of a decoder layer — RMSNorm, rotary embedding, the gated MLP's activation (gate and up in one GEMM; query,
-key and value in one GEMM), the decode attention's scaling/mask/softmax, the eviction cache's decode write — so a decode step is not
+key and value in one GEMM), the decode attention's scaling/mask/softmax, the eviction cache's decode write (one Triton kernel) — so a decode step is not
 dominated by hundreds of tiny kernels. Profiling a Llama-3.1-8B decode step on an H200 (batch 8, 32k context,
 ``results/perf/kv/profile_decode.py``) showed ~3.5 ms of its ~10 ms in elementwise kernels of 1-3 µs each,
 next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue between them is fused.
@@ -133,9 +133,10 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
     from tokenbench import kv_attention
 
     kv_attention.DECODE_IMPL[0] = _compile("decode_attention", kv_attention.decode_attention)
-    from tokenbench import kv_cache
+    from tokenbench import kv_cache, kv_decode_triton
 
-    kv_cache.WRITE_IMPL[0] = _compile("write_decode", kv_cache.write_decode, dynamic=None)
+    if kv_decode_triton.available():  # not torch.compile: inductor copies a mutated input whole (the cache!)
+        kv_cache.WRITE_IMPL[0] = kv_decode_triton.write_decode
     from tokenbench.families import kv as kv_family
 
     # dynamic=None: a method's integer settings (scissorhands' history window, used in bit masks) stay

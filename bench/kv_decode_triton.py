@@ -20,6 +20,7 @@ slow, for tests).
 
 from __future__ import annotations
 
+import os
 from functools import lru_cache
 from typing import Any, Optional
 
@@ -99,10 +100,46 @@ def _combine(O, M, L, OUT, LSE, NSPLIT, NSP: tl.constexpr, D: tl.constexpr):
     tl.store(LSE + r, mx_use + tl.log(safe))
 
 
+def _write(K, V, VALID, POS, SLOT, KS, VS, QVALID, QPOS,
+           sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sp_b, sp_h, sks_b, sks_h, svs_b, svs_h, sqv_b, sqp_b,
+           H, D: tl.constexpr):
+    b = tl.program_id(0)  # one (row, KV head): its new key/value, validity and position into its slot
+    h = tl.program_id(1)
+    slot = tl.load(SLOT + b * H + h)
+    d = tl.arange(0, D)
+    tl.store(K + b * sk_b + h * sk_h + slot * sk_n + d, tl.load(KS + b * sks_b + h * sks_h + d))
+    tl.store(V + b * sv_b + h * sv_h + slot * sv_n + d, tl.load(VS + b * svs_b + h * svs_h + d))
+    tl.store(VALID + b * sm_b + h * sm_h + slot, tl.load(QVALID + b * sqv_b))
+    tl.store(POS + b * sp_b + h * sp_h + slot, tl.load(QPOS + b * sqp_b))
+
+
 @lru_cache(maxsize=None)
-def _kernels() -> tuple[Any, Any]:
+def _kernels() -> tuple[Any, Any, Any]:
     # with TRITON_INTERPRET=1 in the environment before triton is imported, triton.jit gives the interpreter
-    return triton.jit(_partial), triton.jit(_combine)
+    return triton.jit(_partial), triton.jit(_combine), triton.jit(_write)
+
+
+def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
+                 slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
+                 qpos: torch.Tensor) -> torch.Tensor:
+    """``kv_cache.write_decode`` in one kernel instead of four scatters (~3 µs each per layer on an H200);
+    the same arguments and result. Off a GPU, without Triton's interpreter, the eager version runs."""
+    from tokenbench import kv_cache
+
+    d = keys.shape[-1]
+    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
+    if (not keys.is_cuda and not interpreted) or d & (d - 1) or values.shape[-1] != d \
+            or key_states.stride(-1) != 1 or value_states.stride(-1) != 1 or not slot.is_contiguous():
+        return kv_cache.write_decode(keys, values, valid, pos, slot, key_states, value_states, qvalid, qpos)
+    b, h = slot.shape
+    qv = qvalid.to(torch.bool).view(torch.uint8)
+    _kernels()[2][(b, h)](
+        keys, values, valid.view(torch.uint8), pos, slot, key_states, value_states, qv, qpos,
+        keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
+        valid.stride(0), valid.stride(1), pos.stride(0), pos.stride(1), key_states.stride(0),
+        key_states.stride(1), value_states.stride(0), value_states.stride(1), qv.stride(0), qpos.stride(0),
+        h, D=d)
+    return slot.unsqueeze(-1)
 
 
 @lru_cache(maxsize=None)
@@ -140,7 +177,7 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     valid = kvalid.view(torch.uint8) if kvalid.dtype == torch.bool else kvalid
     if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
         raise ValueError("triton decode attention: the last dimension must be contiguous")
-    partial, combine = _kernels()
+    partial, combine, _ = _kernels()
     partial[(b, h, ns)](
         query, key, value, valid, part_o, part_m, part_l, logits,
         query.stride(0), query.stride(1), key.stride(0), key.stride(1), key.stride(2),

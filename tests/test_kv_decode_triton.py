@@ -101,3 +101,28 @@ def test_rejects_what_it_cannot_run() -> None:
         kv_decode_triton.decode_attention(q.expand(1, 4, 2, 16), k, v, valid, 0.1)
     with pytest.raises(ValueError, match="power-of-two head dim"):
         kv_decode_triton.decode_attention(q[..., :12], k[..., :12], v[..., :12], valid, 0.1)
+
+
+@pytest.mark.parametrize("device", devices())
+def test_decode_write_kernel_matches_the_scatters(device) -> None:
+    """One-kernel decode write (fused decoding) == kv_cache.write_decode's four scatters, on strided new
+    keys/values as the attention module hands them over (a transposed projection output)."""
+    from tokenbench import kv_cache
+
+    g = torch.Generator().manual_seed(11)
+    b, h, c, d = 3, 2, 20, 16
+    bufs = [torch.randn(b, h, c, d, generator=g), torch.randn(b, h, c, d, generator=g),
+            torch.rand(b, h, c, generator=g) < 0.5, torch.randint(0, 99, (b, h, c), generator=g)]
+    bufs = [t.to(device) for t in bufs]
+    slot = torch.randint(0, c, (b, h), generator=g).to(device)
+    new_k = torch.randn(b, 1, h, d, generator=g).to(device).transpose(1, 2)  # (B, H, 1, D), not contiguous
+    new_v = torch.randn(b, 1, h, d, generator=g).to(device).transpose(1, 2)
+    qvalid = torch.tensor([[True], [False], [True]], device=device)
+    qpos = torch.tensor([[100], [101], [102]], device=device)
+    ref = [t.clone() for t in bufs]
+    idx_ref = kv_cache.write_decode(*ref, slot, new_k, new_v, qvalid, qpos)
+    idx = kv_decode_triton.write_decode(*bufs, slot, new_k, new_v, qvalid, qpos)
+    assert torch.equal(idx, idx_ref)
+    for got, want in zip(bufs, ref):
+        assert torch.equal(got, want)
+    assert bool(bufs[2][1].gather(1, slot[1].view(h, 1)).any()) is False  # the padding row's write is invalid
