@@ -31,7 +31,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16)
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels, as the benchmark's --fuse")
-    ap.add_argument("--decode-backend", default="matmul", choices=kv_attention.DECODE_BACKENDS)
+    ap.add_argument("--decode-backend", default="auto", choices=kv_attention.DECODE_BACKENDS)
     args = ap.parse_args()
     load_all()
     kv_attention.DECODE_BACKEND = args.decode_backend

@@ -204,7 +204,7 @@ def main() -> None:
     ap.add_argument("--question", type=int, default=32, help="question tokens after the compressed context")
     ap.add_argument("--max-batch", action="store_true", help="also search the largest batch at the longest "
                                                              "context")
-    ap.add_argument("--decode-backends", nargs="+", default=["matmul"], choices=kv_attention.DECODE_BACKENDS,
+    ap.add_argument("--decode-backends", nargs="+", default=["auto"], choices=kv_attention.DECODE_BACKENDS,
                     help="decode attention, each measured (sdpa: methods that need no attention weights only)")
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels: compiled RMSNorm/RoPE/MLP glue")
     ap.add_argument("--out", type=Path, required=True)
@@ -240,13 +240,13 @@ def main() -> None:
         for name, keep, backend in [(n, k, bk) for n in names
                                     for k in (([1.0] if first_block else []) if n == "none" else [block_keep])
                                     for bk in args.decode_backends]:
-            if backend == "sdpa" and make_method(name, keep).evicts_at_decode:
-                continue  # decode-time eviction needs the step's weights, which SDPA does not return
             kv_attention.DECODE_BACKEND = backend
+            if kv_attention.decode_backend(device) == "sdpa" and make_method(name, keep).evicts_at_decode:
+                continue  # decode-time eviction needs the step's weights, which SDPA does not return
             t = time.perf_counter()
             try:
                 row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
-                row["decode_backend"] = backend
+                row["decode_backend"] = kv_attention.decode_backend(device)
                 result["rows"].append(row)
                 print(f"ctx={ctx} b={batch} {name} keep={keep} {backend}: prefill {row['prefill_ms']:.0f} ms, "
                       f"TPOT {row['tpot_ms']:.2f} ms, BW {100 * row['decode_bw_frac']:.0f}% "
