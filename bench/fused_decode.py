@@ -1,7 +1,8 @@
 """Optional kernel fusion for LLM decoding (``measure.fuse_kernels``): ``torch.compile`` the elementwise parts
-of a decoder layer — RMSNorm, rotary embedding, the gated MLP's activation (gate and up in one GEMM; query,
-key and value in one GEMM), the decode attention's scaling/mask/softmax, the eviction cache's decode write (one Triton kernel) — so a decode step is not
-dominated by hundreds of tiny kernels. Profiling a Llama-3.1-8B decode step on an H200 (batch 8, 32k context,
+of a decoder layer — RMSNorm, rotary embedding, the gated MLP's activation, the decode attention's
+scaling/mask/softmax, the decode-time methods' scoring and eviction — merge the gate/up and the query/key/value
+GEMMs, and write a decode step's key/value into the eviction cache with one Triton kernel, so a decode step is
+not dominated by hundreds of tiny kernels. Profiling a Llama-3.1-8B decode step on an H200 (batch 8, 32k context,
 ``results/perf/kv/profile_decode.py``) showed ~3.5 ms of its ~10 ms in elementwise kernels of 1-3 µs each,
 next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue between them is fused.
 

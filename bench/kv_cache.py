@@ -44,7 +44,8 @@ def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, 
                  qpos: torch.Tensor) -> torch.Tensor:
     """A decode step's write, in place: the new key/value of every row and head into its ``slot`` ``(B, H)``,
     with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). Returns the written slots ``(B, H, 1)``.
-    A pure function so that ``measure.fuse_kernels`` compiles the four scatters together."""
+    A pure function so that ``measure.fuse_kernels`` can swap in one kernel for the four scatters
+    (``kv_decode_triton.write_decode``)."""
     b, h = slot.shape
     idx = slot.unsqueeze(-1)
     keys.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]), key_states)
@@ -54,7 +55,7 @@ def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, 
     return idx
 
 
-WRITE_IMPL = [write_decode]  # tokenbench.fused_decode swaps in a compiled version
+WRITE_IMPL = [write_decode]  # tokenbench.fused_decode swaps in the Triton kernel
 
 
 class EvictionLayer(CacheLayerMixin):

@@ -41,6 +41,10 @@ def available() -> bool:
     return triton is not None
 
 
+def _cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
 def _partial(Q, K, V, VALID, O, M, L, LOGITS,
              sq_b, sq_h, sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sl_b, sl_h,
              C, split_len, NSPLIT, scale,
@@ -149,8 +153,8 @@ def _sm_count(device: torch.device) -> int:
 
 def n_splits(batch: int, kv_heads: int, slots: int, device: torch.device) -> int:
     """Slices of the slots per (row, KV head): enough programs to fill the GPU, at least one block each."""
-    want = -(-PROGRAMS_PER_SM * _sm_count(device) // max(1, batch * kv_heads))
-    return max(1, min(want, -(-slots // BLOCK)))
+    want = _cdiv(PROGRAMS_PER_SM * _sm_count(device), max(1, batch * kv_heads))
+    return max(1, min(want, _cdiv(slots, BLOCK)))
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,
@@ -165,18 +169,17 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     if q != 1 or hq % h or d & (d - 1) or d < 16 or value.shape[-1] != d:
         raise ValueError(f"triton decode attention: one query token, GQA groups, a power-of-two head dim >= 16; "
                          f"got query {tuple(query.shape)}, key {tuple(key.shape)}, value {tuple(value.shape)}")
+    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
+        raise ValueError("triton decode attention: the last dimension must be contiguous")
     g = hq // h
     dev = query.device
-    ns = splits or n_splits(b, h, c, dev)
-    split_len = -(-(-(-c // ns)) // BLOCK) * BLOCK
-    ns = -(-c // split_len)
+    split_len = _cdiv(_cdiv(c, splits or n_splits(b, h, c, dev)), BLOCK) * BLOCK  # whole blocks per slice
+    ns = _cdiv(c, split_len)  # no empty slice
     part_o = torch.empty(b, hq, ns, d, dtype=torch.float32, device=dev)
     part_m = torch.empty(b, hq, ns, dtype=torch.float32, device=dev)
     part_l = torch.empty_like(part_m)
     logits = torch.empty(b, hq, c, dtype=torch.float32, device=dev) if want_weights else part_m
     valid = kvalid.view(torch.uint8) if kvalid.dtype == torch.bool else kvalid
-    if query.stride(-1) != 1 or key.stride(-1) != 1 or value.stride(-1) != 1:
-        raise ValueError("triton decode attention: the last dimension must be contiguous")
     partial, combine, _ = _kernels()
     partial[(b, h, ns)](
         query, key, value, valid, part_o, part_m, part_l, logits,

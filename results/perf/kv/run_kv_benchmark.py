@@ -17,7 +17,6 @@ from __future__ import annotations
 import argparse
 import gc
 import json
-import math
 import time
 from pathlib import Path
 from typing import Any
@@ -125,6 +124,12 @@ def one(loaded: LoadedModel, name: str, keep: float, ctx: int, batch: int, new: 
     return row
 
 
+def runs(name: str, device: str) -> bool:
+    """Can ``name`` decode under the current ``DECODE_BACKEND``? Decode-time eviction needs the step's
+    attention weights, which the SDPA backend does not return."""
+    return not (kv_attention.decode_backend(device) == "sdpa" and make_method(name, 0.5).evicts_at_decode)
+
+
 def weight_bytes_read(model: torch.nn.Module, batch: int) -> int:
     """Weight bytes a decode step reads: every parameter but the input embedding table, of which only the
     ``batch`` rows of the fed tokens are gathered (Llama-3.1-8B: 1.05 GB of its 16.06 GB are never read)."""
@@ -224,7 +229,7 @@ def main() -> None:
     for backend in args.decode_backends:  # warm-up: every method's kernels once (cuBLAS, triton, ...), untimed
         kv_attention.DECODE_BACKEND = backend
         for name in names:
-            if not (backend == "sdpa" and make_method(name, 0.5).evicts_at_decode):
+            if runs(name, device):
                 one(loaded, name, 0.5, 512, 2, 16, args.question, peak_bw)
     if args.max_batch and device != "cpu":  # first: cheap, and its answer exists nowhere else
         ctx, keep = max(args.contexts), min(args.keeps)
@@ -241,8 +246,8 @@ def main() -> None:
                                     for k in (([1.0] if first_block else []) if n == "none" else [block_keep])
                                     for bk in args.decode_backends]:
             kv_attention.DECODE_BACKEND = backend
-            if kv_attention.decode_backend(device) == "sdpa" and make_method(name, keep).evicts_at_decode:
-                continue  # decode-time eviction needs the step's weights, which SDPA does not return
+            if not runs(name, device):
+                continue
             t = time.perf_counter()
             try:
                 row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
