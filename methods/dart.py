@@ -27,12 +27,11 @@ after RoPE, as cached.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.vlm import LLMContext, VLMMethod
+from tokenbench.families.vlm import LLMContext, LLMStageMethod
 from tokenbench.registry import register_method
 
 
@@ -70,22 +69,18 @@ def dart_select(hidden: torch.Tensor, keys: torch.Tensor, visual: slice, n_keep:
 
 @register_method("dart", family="vlm")
 @dataclass
-class DART(VLMMethod):
+class DART(LLMStageMethod):
     """Pivots by key L1 norm at layer ``prune_layer - 1``; per pivot, keep the visual tokens least similar to it."""
 
-    stage: ClassVar[str] = "llm"
-
-    prune_layer: int = 2  # K: layers from K on see only the kept visual tokens (the reference's K = 2)
     pivot_image_token: int = 4  # visual pivots (largest key L1 norm)
     pivot_text_token: int = 4  # text pivots after the image (largest key L1 norm)
 
     def validate(self) -> None:
         super().validate()
-        for name in ("prune_layer", "pivot_image_token", "pivot_text_token"):
+        for name in ("pivot_image_token", "pivot_text_token"):
             v = getattr(self, name)
-            low = 1 if name == "prune_layer" else 0
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise TokenbenchError(f"method 'dart': {name} must be an integer >= {low}, got {v!r}")
+            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
+                raise TokenbenchError(f"method 'dart': {name} must be an integer >= 0, got {v!r}")
         if self.pivot_image_token + self.pivot_text_token == 0:
             raise TokenbenchError("method 'dart': needs at least one pivot (pivot_image_token + pivot_text_token)")
 

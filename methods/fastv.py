@@ -26,27 +26,16 @@ Deviations: none in the selection rule. The reference's ``round`` on the ratio b
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import ClassVar
 
 import torch
-from tokenbench.errors import TokenbenchError
-from tokenbench.families.vlm import LLMContext, VLMMethod
+from tokenbench.families.vlm import LLMContext, LLMStageMethod
 from tokenbench.registry import register_method
 
 
 @register_method("fastv", family="vlm")
 @dataclass
-class FastV(VLMMethod):
+class FastV(LLMStageMethod):
     """Keep the ``n_keep`` visual tokens with the highest last-token attention at layer ``prune_layer - 1``."""
-
-    stage: ClassVar[str] = "llm"
-
-    prune_layer: int = 2  # K: layers from K on see only the kept visual tokens (FastV's default K = 2)
-
-    def validate(self) -> None:
-        super().validate()
-        if isinstance(self.prune_layer, bool) or not isinstance(self.prune_layer, int) or self.prune_layer < 1:
-            raise TokenbenchError(f"method 'fastv': prune_layer must be an integer >= 1, got {self.prune_layer!r}")
 
     def select(self, ctx: LLMContext) -> torch.Tensor:
         scores = ctx.last_attention()[:, ctx.visual]

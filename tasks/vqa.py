@@ -252,15 +252,14 @@ class VQA(Task):
         if self.variant == "gqa":
             return {"accuracy": gqa_exact_match(prediction, answers[0])}
         said = pope_yes_no(prediction)
-        label = "no" if str(answers[0]).strip().lower() == "no" else "yes"
-        return {"accuracy": float(said == label), "yes": float(said == "yes")}
+        return {"accuracy": float(said == _pope_label(answers[0])), "yes": float(said == "yes")}
 
     def aggregate(self, rows: list[dict[str, Any]]) -> dict[str, float]:
         out = super().aggregate(rows)
         if self.variant == "pope" and rows:
             def scores(part: list[dict[str, Any]]) -> dict[str, float]:
                 said = ["yes" if r["metrics"].get("yes") else "no" for r in part]
-                labels = [("no" if str(r.get("answer")).strip().lower() == "no" else "yes") for r in part]
+                labels = [_pope_label(r.get("answer")) for r in part]
                 return pope_scores(said, labels)
 
             out.update(scores(rows))
@@ -273,6 +272,11 @@ class VQA(Task):
                     out[f"f1@{cat}"], out[f"accuracy@{cat}"] = part["f1"], part["accuracy"]
                 out["f1_mean_categories"] = sum(out[f"f1@{c}"] for c in cats) / len(cats)
         return out
+
+
+def _pope_label(answer: Any) -> str:
+    """A POPE label as ``yes``/``no`` (anything but "no" is a yes, as the reference reads its labels)."""
+    return "no" if str(answer).strip().lower() == "no" else "yes"
 
 
 class _HubUnavailable(Exception):

@@ -62,7 +62,6 @@ class VisionContext:
     attn_input: torch.Tensor | None = field(default=None, repr=False)  # (B, T, C) the layer's attention input
     attn_module: Any = field(default=None, repr=False)  # the feature layer's attention (q_proj, k_proj, heads)
     first_visual: int = 1  # index of the first visual token among the T tokens of ``attn_input``
-    seed: int = 0
     pixels: torch.Tensor | None = field(default=None, repr=False)  # (B, ...) the preprocessed image(s)
     _keys: torch.Tensor | None = field(default=None, repr=False)
 
@@ -208,6 +207,22 @@ class VLMMethod(Method):
         raise NotImplementedError
 
 
+@dataclass
+class LLMStageMethod(VLMMethod):
+    """Base of the in-LM methods: every visual token enters the language model and ``select`` keeps
+    ``n_keep`` of them after decoder layer ``prune_layer - 1``."""
+
+    stage: ClassVar[str] = "llm"
+
+    prune_layer: int = 2  # K: layers from K on see only the kept visual tokens (FastV's and DART's K = 2)
+
+    def validate(self) -> None:
+        super().validate()
+        k = self.prune_layer
+        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
+            raise TokenbenchError(f"method '{self.label}': prune_layer must be an integer >= 1, got {k!r}")
+
+
 # --- applying it -----------------------------------------------------------------------------------
 
 
@@ -225,7 +240,7 @@ def check_model(model: Any, method: VLMMethod) -> None:
         raise IncompatibleError("the vlm family needs a single vision_feature_layer (an int); got a list")
     if method.stage == "llm":
         n_layers = cfg.text_config.num_hidden_layers
-        k = int(getattr(method, "prune_layer", 0))
+        k = method.prune_layer
         if not 1 <= k < n_layers:
             raise TokenbenchError(f"method '{method.label}': prune_layer must be in [1, {n_layers - 1}] for "
                                   f"this {n_layers}-layer language model, got {k}")
@@ -258,8 +273,6 @@ class VLMSession:
         self.strategy = cfg.vision_feature_select_strategy
         self.layers = self.lm.layers
         self.tiled = type(model).__name__ == NEXT
-        self._pruned: dict[str, Any] | None = None  # set during an llm-stage prefill, after the cut
-        self.last_stats: dict[str, Any] = {}
         self.layer_tokens: list[int] = []  # tokens entering each decoder layer in the last prefill
 
     # --- vision ------------------------------------------------------------------------------------
@@ -307,7 +320,7 @@ class VLMSession:
         if n_keep is not None and method.stage == "vision":
             ctx = VisionContext(features=feats, n_keep=n_keep, cls_features=cls, attn_input=captured.get("x"),
                                 attn_module=self._vision_layer().self_attn if captured else None,
-                                first_visual=first, seed=int(getattr(method, "seed", 0)), pixels=pixel_values)
+                                first_visual=first, pixels=pixel_values)
             feats = method.reduce(ctx)
             if tuple(feats.shape[:2]) != (states.shape[0], n_keep):
                 raise AssertionError(f"method '{method.label}' returned {tuple(feats.shape)} for a budget of {n_keep}")
@@ -360,7 +373,6 @@ class VLMSession:
         embeds = torch.cat([text[:, :start], image.to(text.dtype), text[:, start + n_visual:]], dim=1)
         length = int(embeds.shape[1])
         positions = torch.arange(length, device=embeds.device).unsqueeze(0)
-        kept = int(image.shape[1])
         handles: list[Any] = []
         if method.stage == "llm" and n_keep is not None:
             handles = self._install_prune(start, n_visual, n_keep, cache)
@@ -370,26 +382,26 @@ class VLMSession:
         finally:
             for h in handles:
                 h.remove()
-        if method.stage == "llm" and n_keep is not None:
-            kept = n_keep
+        # counted from the tensors: the last layer's tokens minus the text tokens around the image
+        kept = self.layer_tokens[-1] - (length - int(image.shape[1]))
         hidden = out.last_hidden_state[:, -1:]
         logits = self.model.lm_head(hidden)[:, -1]
-        self.last_stats = {
+        stats = {
             "visual_tokens_in": n_visual,
             "visual_tokens_kept": kept,
             "achieved_keep_ratio": kept / n_visual,
-            "prune_layer": int(getattr(method, "prune_layer", 0)) if method.stage == "llm" else 0,
+            "prune_layer": method.prune_layer if method.stage == "llm" else 0,
             "lm_input_tokens": length,
             "lm_tokens_per_layer": list(self.layer_tokens),
         }
-        self._pruned = None
-        return PrefillResult(logits, length, dict(self.last_stats))
+        return PrefillResult(logits, length, stats)
 
     def _install_prune(self, start: int, n_visual: int, n_keep: int, cache: Any) -> list[Any]:
         """Hooks that cut the sequence at layer ``prune_layer`` (and feed the cut tensors to later layers)."""
         k = int(self.method.prune_layer)
         prev = self.layers[k - 1]
         grabbed: dict[str, Any] = {}
+        pruned: dict[str, Any] = {}  # after the cut: the cut positions, rotary embeddings and mask of later layers
 
         def grab(module, args, kwargs):  # layer k-1's attention input (after its input norm), last row only
             h = kwargs.get("hidden_states", args[0] if args else None)
@@ -423,27 +435,20 @@ class VLMSession:
             mask = kwargs.get("attention_mask")
             if isinstance(mask, torch.Tensor) and mask.dim() == 4:
                 mask = mask[:, :, keep][:, :, :, keep]
-            self._pruned = {"position_embeddings": (cos[:, keep], sin[:, keep]), "attention_mask": mask,
-                            "position_ids": kwargs["position_ids"][:, keep]}
-            return self._feed(args, kwargs, h[:, keep])
+            pruned.update(position_embeddings=(cos[:, keep], sin[:, keep]), attention_mask=mask,
+                          position_ids=kwargs["position_ids"][:, keep])
+            return _feed(args, kwargs, h[:, keep], pruned)
 
         def later(module, args, kwargs):
-            if self._pruned is None:
+            if not pruned:
                 return None
             h = kwargs.get("hidden_states", args[0] if args else None)
-            return self._feed(args, kwargs, h)
+            return _feed(args, kwargs, h, pruned)
 
         handles = [prev.self_attn.register_forward_pre_hook(grab, with_kwargs=True),
                    self.layers[k].register_forward_pre_hook(cut, with_kwargs=True)]
         handles += [layer.register_forward_pre_hook(later, with_kwargs=True) for layer in self.layers[k + 1:]]
         return handles
-
-    def _feed(self, args: tuple, kwargs: dict, hidden: torch.Tensor) -> tuple[tuple, dict]:
-        kwargs = {**kwargs, **self._pruned}
-        if "hidden_states" in kwargs or not args:
-            kwargs["hidden_states"] = hidden
-            return args, kwargs
-        return (hidden, *args[1:]), kwargs
 
     @contextmanager
     def decoding(self) -> Iterator[None]:
@@ -467,6 +472,15 @@ class VLMSession:
                 h.remove()
 
 
+def _feed(args: tuple, kwargs: dict, hidden: torch.Tensor, pruned: dict[str, Any]) -> tuple[tuple, dict]:
+    """A decoder layer's call arguments with the cut ``hidden`` states and the cut ``pruned`` tensors."""
+    kwargs = {**kwargs, **pruned}
+    if "hidden_states" in kwargs or not args:
+        kwargs["hidden_states"] = hidden
+        return args, kwargs
+    return (hidden, *args[1:]), kwargs
+
+
 def _layer_keys(cache: Any, idx: int) -> torch.Tensor:
     layers = getattr(cache, "layers", None)
     keys = getattr(layers[idx], "keys", None) if layers is not None else cache.key_cache[idx]  # transformers < 4.56
@@ -474,9 +488,3 @@ def _layer_keys(cache: Any, idx: int) -> torch.Tensor:
         raise TokenbenchError("the cache holds no keys for the layer before the prune layer")
     return keys
 
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """Pairwise cosine similarity ``(..., M, K)`` of ``(..., M, d)`` and ``(..., K, d)`` (float32)."""
-    a = torch.nn.functional.normalize(a.float(), dim=-1)
-    b = torch.nn.functional.normalize(b.float(), dim=-1)
-    return a @ b.transpose(-1, -2)
