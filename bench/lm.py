@@ -51,7 +51,7 @@ from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import KVMethod, KVSession, attention_modules
 from tokenbench.kv_cache import EvictionCache
-from tokenbench.measure import Timer, peak_memory, summarize_repeats
+from tokenbench.measure import Timer, measured_repeats, summarize_repeats
 
 log = logging.getLogger(__name__)
 
@@ -128,6 +128,16 @@ class GenerationOutput:
     memory: dict[str, Optional[int]] = field(default_factory=dict)
     compression: dict[str, Any] = field(default_factory=dict)
     token_ids: list[int] = field(default_factory=list)
+
+
+def prediction_lengths(tokens: torch.Tensor, eos: torch.Tensor, max_new_tokens: int) -> list[int]:
+    """Per row of ``tokens`` ``(B, n)``: tokens of the prediction, up to and including the first of the ``eos``
+    ids, at most ``max_new_tokens``."""
+    t = tokens[:, :max_new_tokens]
+    is_eos = torch.isin(t, eos)
+    first = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1,
+                        torch.full_like(is_eos[:, 0], t.shape[1], dtype=torch.long))
+    return [int(x) for x in first.tolist()]
 
 
 def _eos_ids(tokenizer: Any, model: Any) -> list[int]:
@@ -361,12 +371,7 @@ class LMRunner:
         )
 
     def _lengths(self, tokens: torch.Tensor, max_new_tokens: int) -> list[int]:
-        """Per row: tokens of the prediction, up to and including the first EOS, at most ``max_new_tokens``."""
-        t = tokens[:, :max_new_tokens]
-        is_eos = torch.isin(t, self._eos)
-        first = torch.where(is_eos.any(dim=1), is_eos.float().argmax(dim=1) + 1,
-                            torch.full_like(is_eos[:, 0], t.shape[1], dtype=torch.long))
-        return [int(x) for x in first.tolist()]
+        return prediction_lengths(tokens, self._eos, max_new_tokens)
 
     def _stop(self, tokens: torch.Tensor, max_new_tokens: int) -> Optional[int]:
         """The step at which every row's prediction has ended, or None."""
@@ -419,26 +424,13 @@ class LMRunner:
         limits = [max(1, int(getattr(s, "max_new_tokens", 32) or 1)) for s in samples]
         max_new = max(limits)
         fixed = max(0, int(self.measure.fixed_output_tokens))
-        if not self._warmed:
-            for _ in range(max(0, int(self.measure.warmup))):
-                self.generate(prompt, max_new, fixed)
-            self._warmed = True
-        gens: list[Generation] = []
-        peaks: list[dict[str, Optional[int]]] = []
-        for _ in range(max(1, int(self.measure.repeats))):
-            with peak_memory(self.device) as mem:
-                gens.append(self.generate(prompt, max_new, fixed))
-            peaks.append(mem.as_dict())
+        gens, peaks = measured_repeats(lambda: self.generate(prompt, max_new, fixed), self.device,
+                                       self.measure.repeats, 0 if self._warmed else self.measure.warmup)
+        self._warmed = True
         g = gens[0]
-
-        def worst(key: str) -> Optional[int]:
-            vals = [p[key] for p in peaks if p[key] is not None]
-            return max(vals) if vals else None
-
         latency = summarize_repeats([x.latency for x in gens])
         memory = {
-            "peak_allocated": worst("peak_allocated"),
-            "peak_reserved": worst("peak_reserved"),
+            **peaks,
             "kv_cache_bytes": g.kv_cache_bytes,
             "kv_cache_bytes_used": g.compression.get("kv_cache_bytes_used"),
             "kv_cache_bytes_end": g.kv_cache_bytes_end,

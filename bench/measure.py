@@ -19,12 +19,14 @@ import gc
 import math
 import statistics
 import time
-from collections.abc import Iterable, Iterator, Sequence
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any, Optional
+from typing import Any, Optional, TypeVar
 
 import torch
+
+T = TypeVar("T")
 
 # --- timing -------------------------------------------------------------------------------------------
 
@@ -272,7 +274,24 @@ def summarize_repeats(runs: Sequence[dict[str, Optional[float]]]) -> dict[str, O
     return out
 
 
+def measured_repeats(run: Callable[[], T], device: Any, repeats: int,
+                     warmup: int = 0) -> tuple[list[T], dict[str, Optional[int]]]:
+    """``run()`` ``warmup`` times untimed, then ``repeats`` times (at least once), each inside ``peak_memory``.
+    Returns the results and the worst ``peak_allocated``/``peak_reserved`` over the repeats (None: unknown)."""
+    for _ in range(max(0, int(warmup))):
+        run()
+    results: list[T] = []
+    peaks: list[dict[str, Optional[int]]] = []
+    for _ in range(max(1, int(repeats))):
+        with peak_memory(device) as mem:
+            results.append(run())
+        peaks.append(mem.as_dict())
+    worst = {k: max((p[k] for p in peaks if p[k] is not None), default=None)
+             for k in ("peak_allocated", "peak_reserved")}
+    return results, worst
+
+
 __all__ = [
-    "Timer", "Elapsed", "PeakMemory", "peak_memory", "start_peak_memory", "stop_peak_memory",
+    "Timer", "Elapsed", "PeakMemory", "peak_memory", "start_peak_memory", "stop_peak_memory", "measured_repeats",
     "cache_bytes", "cache_lengths", "quantile", "p50", "p90", "median_spread", "summarize_repeats",
 ]

@@ -41,7 +41,7 @@ from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.prompt import Compressed, PromptCompressor
 from tokenbench.lm import GenerationOutput, LMRunner
-from tokenbench.measure import Timer, peak_memory
+from tokenbench.measure import Timer, measured_repeats
 
 
 class PromptRunner:
@@ -82,18 +82,11 @@ class PromptRunner:
         return out, ms
 
     def run(self, sample: Any, use_chat_template: bool = True) -> GenerationOutput:
-        if not self._warmed:
-            for _ in range(max(0, int(self.measure.warmup))):
-                self.compress(sample)
-            self._warmed = True
-        times, peaks, first = [], [], None
-        for _ in range(max(1, int(self.measure.repeats))):
-            with peak_memory(self.compressor_device) as mem:
-                out, ms = self.compress(sample)
-            first = first or out
-            times.append(ms)
-            peaks.append(mem.peak_allocated)
-        comp = first
+        runs, peaks = measured_repeats(lambda: self.compress(sample), self.compressor_device,
+                                       self.measure.repeats, 0 if self._warmed else self.measure.warmup)
+        self._warmed = True
+        comp = runs[0][0]
+        times = [ms for _, ms in runs]
         compress_ms = statistics.median(times)
         compressed = dataclasses.replace(sample, context=comp.context)
         self.last_sample, self.last_compressed = compressed, comp
@@ -112,7 +105,7 @@ class PromptRunner:
         if len(times) > 1:
             lat["compress_ms_spread"] = max(times) - min(times)
         mem = dict(gen.memory)
-        c_peak = max((p for p in peaks if p is not None), default=None)
+        c_peak = peaks["peak_allocated"]
         mem["compress_peak_allocated"] = c_peak
         mem["compressor_weights_bytes"] = self.compressor_weights_bytes
         if self.compressor_device == self.device and c_peak is not None:

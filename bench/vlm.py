@@ -31,8 +31,8 @@ import torch
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.vlm import VLMMethod, VLMSession
-from tokenbench.lm import GenerationOutput, _eos_ids
-from tokenbench.measure import Timer, peak_memory, summarize_repeats
+from tokenbench.lm import GenerationOutput, _eos_ids, prediction_lengths
+from tokenbench.measure import Timer, measured_repeats, summarize_repeats
 
 log = logging.getLogger(__name__)
 
@@ -82,6 +82,7 @@ class VLMRunner:
         tok = getattr(self.processor, "tokenizer", self.processor)
         self.tokenizer = tok
         self.eos_ids = _eos_ids(tok, self.model)
+        self._eos = torch.tensor(self.eos_ids or [-1], device=self.device, dtype=torch.long)
         self._warmed = False
         lm_forward = self.model.model.language_model.forward
         self._cache_kw = "cache" if "cache" in inspect.signature(lm_forward).parameters else "past_key_values"
@@ -123,7 +124,6 @@ class VLMRunner:
         steps = max(1, int(max_new_tokens), int(fixed_tokens))
         timer = Timer(self.device)
         tokens: list[torch.Tensor] = []
-        eos = torch.tensor(self.eos_ids or [-1], device=self.device)
         with torch.inference_mode():
             cache = DynamicCache(config=self.model.config.text_config)
             timer.synchronize()
@@ -139,7 +139,7 @@ class VLMRunner:
             with self.session.decoding():
                 n = 1
                 while n < steps and (stop is None or n < fixed_tokens):
-                    if stop is None and bool(torch.isin(tok, eos).any()):
+                    if stop is None and bool(torch.isin(tok, self._eos).any()):
                         stop = n
                         if n >= fixed_tokens:
                             break
@@ -151,13 +151,9 @@ class VLMRunner:
                     n += 1
                     stamps.append(timer.stamp())
             timer.synchronize()
-        ids = torch.cat(tokens).tolist()
-        length = len(ids)
-        for i, t in enumerate(ids[:max_new_tokens]):
-            if t in self.eos_ids:
-                length = i + 1
-                break
-        length = min(length, max(1, int(max_new_tokens)))
+        generated = torch.cat(tokens)
+        ids = generated.tolist()
+        length = prediction_lengths(generated.view(1, -1), self._eos, max(1, int(max_new_tokens)))[0]
         n_fixed = min(len(stamps), fixed_tokens) if fixed_tokens >= 2 else length
         tpot = timer.elapsed_ms(stamps[0], stamps[n_fixed - 1]) / (n_fixed - 1) if n_fixed >= 2 else None
         latency = {
@@ -174,21 +170,10 @@ class VLMRunner:
         inputs = self.build_inputs(sample, use_chat_template)
         max_new = max(1, int(getattr(sample, "max_new_tokens", 16) or 1))
         fixed = max(0, int(self.measure.fixed_output_tokens))
-        if not self._warmed:
-            for _ in range(max(0, int(self.measure.warmup))):
-                self.generate(inputs, max_new, fixed)
-            self._warmed = True
-        gens, peaks = [], []
-        for _ in range(max(1, int(self.measure.repeats))):
-            with peak_memory(self.device) as mem:
-                gens.append(self.generate(inputs, max_new, fixed))
-            peaks.append(mem.as_dict())
+        gens, peaks = measured_repeats(lambda: self.generate(inputs, max_new, fixed), self.device,
+                                       self.measure.repeats, 0 if self._warmed else self.measure.warmup)
+        self._warmed = True
         g = gens[0]
-
-        def worst(key: str) -> int | None:
-            vals = [p[key] for p in peaks if p[key] is not None]
-            return max(vals) if vals else None
-
         stats = dict(g["stats"])
         return GenerationOutput(
             text=self.tokenizer.decode(g["ids"], skip_special_tokens=True).strip(),
@@ -196,7 +181,7 @@ class VLMRunner:
             n_context_tokens=stats["visual_tokens_in"],
             n_generated=len(g["ids"]),
             latency=summarize_repeats([x["latency"] for x in gens]),
-            memory={"peak_allocated": worst("peak_allocated"), "peak_reserved": worst("peak_reserved")},
+            memory=peaks,
             compression=stats,
             token_ids=g["ids"],
         )

@@ -11,6 +11,7 @@ from tokenbench.measure import (
     Timer,
     cache_bytes,
     cache_lengths,
+    measured_repeats,
     median_spread,
     p50,
     p90,
@@ -89,3 +90,12 @@ def test_peak_memory_cpu_sees_an_allocation() -> None:
     assert m.peak_allocated >= 48 * 1024 * 1024
     assert m.peak_reserved is None
     assert set(m.as_dict()) == {"peak_allocated", "peak_reserved"}
+
+
+def test_measured_repeats_warms_up_untimed_and_keeps_the_worst_peaks() -> None:
+    calls = []
+    results, peaks = measured_repeats(lambda: calls.append(len(calls)) or len(calls), "cpu", repeats=3, warmup=2)
+    assert calls == [0, 1, 2, 3, 4] and results == [3, 4, 5]  # 2 warm-up calls, then the 3 measured ones
+    assert set(peaks) == {"peak_allocated", "peak_reserved"}
+    results, _ = measured_repeats(lambda: "x", "cpu", repeats=0)
+    assert results == ["x"]  # at least one measured run
