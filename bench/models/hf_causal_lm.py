@@ -15,7 +15,7 @@ from typing import Any, ClassVar
 from tokenbench.errors import TokenbenchError
 from tokenbench.models.base import LoadedModel, ModelSpec
 from tokenbench.models.hf_utils import (
-    _DTYPES,
+    check_dtype_device,
     hub_endpoint,
     hub_offline,
     hub_reachable,
@@ -75,10 +75,7 @@ class HFCausalLM(ModelSpec):
                 f"{name}: unknown attn_implementation '{self.attn_implementation}' "
                 f"(use {', '.join(ATTN_IMPLEMENTATIONS)})"
             )
-        if self.dtype not in _DTYPES:
-            raise TokenbenchError(f"{name}: unknown dtype '{self.dtype}' (use {', '.join(_DTYPES)})")
-        if not (self.device in ("auto", "cpu") or self.device.startswith("cuda")):
-            raise TokenbenchError(f"{name}: unknown device '{self.device}' (use auto, cpu, cuda or cuda:N)")
+        check_dtype_device(name, self.dtype, self.device)
 
     # --- loading -------------------------------------------------------------------------------------
 

@@ -9,6 +9,14 @@ from tokenbench.errors import TokenbenchError
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
 
 
+def check_dtype_device(name: str, dtype: str, device: str) -> None:
+    """A model spec's ``dtype``/``device`` settings, checked when the spec is built (one line each)."""
+    if dtype not in _DTYPES:
+        raise TokenbenchError(f"{name}: unknown dtype '{dtype}' (use {', '.join(_DTYPES)})")
+    if not (device in ("auto", "cpu") or device.startswith("cuda")):
+        raise TokenbenchError(f"{name}: unknown device '{device}' (use auto, cpu, cuda or cuda:N)")
+
+
 def resolve_device(device: str) -> str:
     import torch
 

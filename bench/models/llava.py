@@ -21,14 +21,8 @@ from typing import Any, ClassVar
 
 from tokenbench.errors import TokenbenchError
 from tokenbench.models.base import LoadedModel, ModelSpec
-from tokenbench.models.hf_utils import (
-    _DTYPES,
-    hub_endpoint,
-    hub_offline,
-    hub_reachable,
-    resolve_device,
-    resolve_dtype,
-)
+from tokenbench.models.hf_causal_lm import _TranslateErrors
+from tokenbench.models.hf_utils import check_dtype_device, hub_offline, hub_reachable, resolve_device, resolve_dtype
 from tokenbench.registry import register_model
 
 HUB_ID = "llava-hf/llava-1.5-7b-hf"
@@ -50,10 +44,7 @@ LLAVA15_TEMPLATE = (
 
 
 def _check_common(name: str, dtype: str, device: str, attn: str) -> None:
-    if dtype not in _DTYPES:
-        raise TokenbenchError(f"{name}: unknown dtype '{dtype}' (use {', '.join(_DTYPES)})")
-    if not (device in ("auto", "cpu") or device.startswith("cuda")):
-        raise TokenbenchError(f"{name}: unknown device '{device}' (use auto, cpu, cuda or cuda:N)")
+    check_dtype_device(name, dtype, device)
     if attn not in ("eager", "sdpa"):
         raise TokenbenchError(f"{name}: attn_implementation must be eager or sdpa, got '{attn}'")
 
@@ -104,16 +95,14 @@ class Llava(ModelSpec):
         if hub_offline() or not hub_reachable():
             kwargs["local_files_only"] = True
             source = f"hub-cache:{self.pretrained}"
-        try:
+        with _TranslateErrors("llava", self.pretrained, kwargs):
             processor = AutoProcessor.from_pretrained(self.pretrained, **kwargs)
             model = AutoModelForImageTextToText.from_pretrained(
                 self.pretrained, dtype=dtype, attn_implementation=self.attn_implementation,
                 **({"device_map": {"": device}} if device.startswith("cuda") else {}), **kwargs)
-        except (OSError, ValueError) as exc:
-            why = ("the hub is not reachable (" + hub_endpoint() + ") and it is not in the local cache"
-                   if kwargs.get("local_files_only") else str(exc).splitlines()[0])
-            raise TokenbenchError(f"llava: cannot load '{self.pretrained}': {why}") from None
-        model = model.to(device).eval()
+        if not device.startswith("cuda"):  # on a GPU device_map placed it already
+            model = model.to(device)
+        model = model.eval()
         return LoadedModel.wrap(model, processor, device, dtype, source=source, info=model_info(model))
 
 
