@@ -84,7 +84,8 @@ def bootstrap() -> None:
 if __name__ == "__main__" and __package__ in (None, ""):
     bootstrap()
 
-from tokenbench.measure import peak_memory
+from tokenbench.measure import Timer, peak_memory
+from tokenbench.models.hf_utils import count_weight_bytes
 from tokenbench.registry import METHODS
 
 
@@ -147,21 +148,6 @@ def prompt(config: Any, device: torch.device, dtype: torch.dtype) -> dict[str, t
     return {"input_ids": ids.to(device), "pixel_values": pixels.to(device=device, dtype=dtype)}
 
 
-def layer_lengths(model: Any, fn: Any) -> tuple[list[int], Any]:
-    seen: list[int] = []
-
-    def hook(module, args, output):
-        h = output[0] if isinstance(output, tuple) else output
-        seen.append(int(h.shape[1]))
-
-    handles = [layer.register_forward_hook(hook) for layer in model.model.language_model.layers]
-    try:
-        return seen, fn()
-    finally:
-        for h in handles:
-            h.remove()
-
-
 def kernel_ms(fn: Any, device: torch.device, n: int = 3) -> float | None:
     """GPU kernel time of one ``fn()`` (torch.profiler, mean of ``n``): the device work alone. At batch 1 a 7B
     prefill of ~600 tokens is host-bound (the wall time is Python and kernel launches), so the wall-clock
@@ -184,28 +170,20 @@ def measure_point(model: Any, method: Any, inputs: dict, args: Any, device: torc
 
     loaded = LoadedModel(model=model, tokenizer=SimpleNamespace(eos_token_id=2), device=str(device))
     runner = VLMRunner(loaded, method, MeasureSettings(warmup=0, repeats=1))
-    cuda = device.type == "cuda"
+    timer = Timer(device)
 
     def prefill_once() -> float:
-        if cuda:
-            torch.cuda.synchronize(device)
-            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            start.record()
+        with timer.region() as r:
             runner.prefill_logits(inputs)
-            end.record()
-            end.synchronize()
-            return float(start.elapsed_time(end))
-        t = time.perf_counter()
-        runner.prefill_logits(inputs)
-        return (time.perf_counter() - t) * 1e3
+        return r.ms
 
     for _ in range(args.warmup):
         prefill_once()
     times = [prefill_once() for _ in range(args.repeats)]
     gpu_ms = kernel_ms(lambda: runner.prefill_logits(inputs), device)
-    lengths, (_, stats) = layer_lengths(model, lambda: runner.prefill_logits(inputs))
     with peak_memory(device) as mem:
-        runner.prefill_logits(inputs)
+        _, stats = runner.prefill_logits(inputs)
+    lengths = stats["lm_tokens_per_layer"]  # tokens entering each decoder layer, counted by the session
     gens = [runner.generate(inputs, 1, args.decode_steps) for _ in range(max(1, args.repeats // 2))]
     med = lambda k: statistics.median(g["latency"][k] for g in gens if g["latency"][k] is not None)
     return {
@@ -278,7 +256,7 @@ def main(argv: list[str] | None = None) -> int:
         "transformers": transformers.__version__, "prompt_tokens": int(inputs["input_ids"].shape[1]),
         "visual_tokens": int((inputs["input_ids"] == model.config.image_token_id).sum()),
         "warmup": args.warmup, "repeats": args.repeats, "decode_steps": args.decode_steps,
-        "weights_bytes": sum(p.numel() * p.element_size() for p in model.parameters()),
+        "weights_bytes": count_weight_bytes(model),
         "build_s": time.time() - t0, "points": [],
     }
     out = Path(args.out)
