@@ -40,7 +40,6 @@ growth reported as ``peak_allocated``, ``peak_reserved`` is ``None``).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from dataclasses import dataclass, field
 from collections.abc import Iterator
@@ -52,6 +51,7 @@ from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import KVMethod, KVSession, attention_modules
 from tokenbench.kv_cache import EvictionCache
 from tokenbench.measure import Timer, measured_repeats, summarize_repeats
+from tokenbench.models.hf_utils import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -203,7 +203,7 @@ class LMRunner:
 
             self.fused = fuse(self.model)
         # transformers >= 5.24 names the argument ``cache`` (``past_key_values`` is deprecated)
-        self._cache_kw = "cache" if "cache" in inspect.signature(self.model.forward).parameters else "past_key_values"
+        self._cache_kw = cache_kwarg(self.model)
 
     # --- prompt ----------------------------------------------------------------------------------------
 

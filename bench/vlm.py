@@ -22,7 +22,6 @@ the tokens entering every decoder layer (read from the tensors).
 
 from __future__ import annotations
 
-import inspect
 import logging
 from typing import Any
 
@@ -33,6 +32,7 @@ from tokenbench.errors import TokenbenchError
 from tokenbench.families.vlm import VLMMethod, VLMSession
 from tokenbench.lm import GenerationOutput, _eos_ids, prediction_lengths
 from tokenbench.measure import Timer, measured_repeats, summarize_repeats
+from tokenbench.models.hf_utils import cache_kwarg
 
 log = logging.getLogger(__name__)
 
@@ -84,8 +84,7 @@ class VLMRunner:
         self.eos_ids = _eos_ids(tok, self.model)
         self._eos = torch.tensor(self.eos_ids or [-1], device=self.device, dtype=torch.long)
         self._warmed = False
-        lm_forward = self.model.model.language_model.forward
-        self._cache_kw = "cache" if "cache" in inspect.signature(lm_forward).parameters else "past_key_values"
+        self._cache_kw = cache_kwarg(self.model.model.language_model)
 
     # --- prompt ------------------------------------------------------------------------------------------
 

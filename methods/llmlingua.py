@@ -44,12 +44,12 @@ prompts longer than the compressor's context window (the compressor must fit the
 
 from __future__ import annotations
 
-import inspect
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.prompt import Fit, LMCompressor, assign, char_starts, paragraphs, token_pieces
+from tokenbench.models.hf_utils import cache_kwarg
 from tokenbench.registry import register_method
 
 
@@ -132,7 +132,7 @@ class LLMLingua(LMCompressor):
         import torch
 
         model = self.lm.model
-        kw = "cache" if "cache" in inspect.signature(model.forward).parameters else "past_key_values"
+        kw = cache_kwarg(model)
         x = torch.tensor([ids], dtype=torch.long, device=self.lm.device)
         return model(input_ids=x, use_cache=True, **{kw: cache}).logits[0].float()
 
@@ -180,16 +180,15 @@ class LLMLingua(LMCompressor):
                 loss_all[w0:w0 + len(window)] = loss
         return keep, loss_all
 
-    def select(self, body: str, question: str, budget: int) -> Fit | tuple[str, int, dict]:
+    def select(self, body: str, question: str, budget: int) -> Fit:
         segs, offsets, _ = self.coarse(body, budget)
         text = "".join(segs)
         info = {"segments": len(paragraphs(body, self.segment_separator)), "segments_kept": len(segs)}
         if not self.use_token_level_filter:
-            out = self.fit(segs, [0.0] * len(segs), budget, keep=[True] * len(segs))
-            return out.text, out.unit_tokens, info
+            return replace(self.fit(segs, [0.0] * len(segs), budget, keep=[True] * len(segs)), info=info)
         ids, starts = self.encode(text)
         if not ids:
-            return "", 0, info
+            return Fit("", None, 0, 0, info)
         tau = budget / (len(ids) + 1)
         seg_of = assign(starts, char_starts(segs))
         ratios = [max(0.0, min(1.0, tau + offsets[s])) for s in seg_of]
@@ -202,4 +201,4 @@ class LLMLingua(LMCompressor):
         out = self.fit(pieces, p_score, budget, keep=p_keep)
         info["token_level_kept"] = sum(keep)
         info["token_level_total"] = len(keep)
-        return out.text, out.unit_tokens, info
+        return replace(out, info=info)

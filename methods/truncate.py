@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.prompt import PromptCompressor
+from tokenbench.families.prompt import Fit, PromptCompressor
 from tokenbench.registry import register_method
 
 DROPS = ("head", "tail", "middle")
@@ -44,11 +44,13 @@ class Truncate(PromptCompressor):
         first = k // 2
         return dec(ids[:first]) + dec(ids[len(ids) - (k - first):])
 
-    def select(self, body: str, question: str, budget: int) -> tuple[str, int, dict]:
+    def select(self, body: str, question: str, budget: int) -> Fit:
         ids = self.tokenizer(body, add_special_tokens=False)["input_ids"]
         k = budget
         text = self.cut(ids, k)
-        while k > 0 and self.count(text) > budget:
+        n = self.count(text)
+        while k > 0 and n > budget:  # decoded ids can re-tokenize longer: cut one more
             k -= 1
             text = self.cut(ids, k)
-        return text, 1, {"kept_ids": k}
+            n = self.count(text)
+        return Fit(text, None, n, 1, {"kept_ids": k})

@@ -144,9 +144,10 @@ class Fit:
     """What ``PromptCompressor.fit`` returns."""
 
     text: str
-    keep: list[bool]
-    n_tokens: int
+    keep: list[bool] | None  # per piece, kept or not (None: the method does not cut into pieces)
+    n_tokens: int  # target tokens of ``text``
     unit_tokens: int  # largest dropped piece (tokens, estimated per piece)
+    info: dict[str, Any] = field(default_factory=dict)  # the method's own record (e.g. LLMLingua's segments)
 
 
 # --- the family base ---------------------------------------------------------------------------------------
@@ -233,16 +234,11 @@ class PromptCompressor(Method):
         if self.is_noop() or budget >= n or not body.strip():
             return Compressed(context, n, n, budget, protect_prefix, 0)
         out = self.select(body, question, budget)
-        if isinstance(out, Fit):
-            text, unit_tokens, info = out.text, out.unit_tokens, {}
-            total, kept = len(out.keep), sum(out.keep)
-        else:
-            text, unit_tokens, info = out
-            total = kept = None
-        return Compressed(head + text, n, self.count(text), budget, protect_prefix, unit_tokens, total, kept,
-                          info)
+        total, kept = (len(out.keep), sum(out.keep)) if out.keep is not None else (None, None)
+        return Compressed(head + out.text, n, out.n_tokens, budget, protect_prefix, out.unit_tokens, total, kept,
+                          out.info)
 
-    def select(self, body: str, question: str, budget: int) -> Fit | tuple[str, int, dict]:
+    def select(self, body: str, question: str, budget: int) -> Fit:
         """The method's idea: ``body`` cut to ``budget`` target tokens (usually ``self.fit(...)``)."""
         raise NotImplementedError
 

@@ -2,11 +2,25 @@
 
 from __future__ import annotations
 
+import inspect
+from functools import lru_cache
 from pathlib import Path
+from typing import Any
 
 from tokenbench.errors import TokenbenchError
 
 _DTYPES = ("auto", "float32", "float16", "bfloat16")
+
+
+def cache_kwarg(module: Any) -> str:
+    """The keyword under which a transformers model's ``forward`` takes its KV cache: ``cache`` in recent
+    releases, ``past_key_values`` before."""
+    return _cache_kwarg_of(type(module).forward)
+
+
+@lru_cache(maxsize=None)
+def _cache_kwarg_of(forward: Any) -> str:
+    return "cache" if "cache" in inspect.signature(forward).parameters else "past_key_values"
 
 
 def check_dtype_device(name: str, dtype: str, device: str) -> None:
