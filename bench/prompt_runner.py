@@ -33,7 +33,7 @@ Compression record (``compression``): ``achieved_keep_ratio`` (target-tokenizer 
 from __future__ import annotations
 
 import dataclasses
-import statistics
+import time
 from typing import Any
 
 import torch
@@ -41,7 +41,7 @@ from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
 from tokenbench.families.prompt import Compressed, PromptCompressor
 from tokenbench.lm import GenerationOutput, LMRunner
-from tokenbench.measure import Timer, measured_repeats
+from tokenbench.measure import Timer, measured_repeats, median_spread
 
 
 class PromptRunner:
@@ -59,7 +59,7 @@ class PromptRunner:
         self.lm = LMRunner(loaded, None, self.measure)
         self.device = torch.device(loaded.device)
         method.prepare(loaded)  # the compressor is loaded here, once, outside every measured region
-        lm = getattr(method, "_lm", None)
+        lm = method.compressor_model
         self.compressor_device = torch.device(lm.device) if lm is not None else self.device
         self.compressor_weights_bytes = 0 if lm is None or lm is loaded else int(lm.weights_bytes or 0)
         self._warmed = False
@@ -75,11 +75,10 @@ class PromptRunner:
         protect = int((getattr(sample, "meta", None) or {}).get("instruction_chars") or 0)
         with torch.inference_mode():
             self._sync()
-            t0 = Timer("cpu").stamp()
+            t0 = time.perf_counter()
             out = self.method.compress(sample.context or "", sample.question or "", protect)
             self._sync()
-            ms = Timer("cpu").elapsed_ms(t0, Timer("cpu").stamp())
-        return out, ms
+        return out, (time.perf_counter() - t0) * 1e3
 
     def run(self, sample: Any, use_chat_template: bool = True) -> GenerationOutput:
         runs, peaks = measured_repeats(lambda: self.compress(sample), self.compressor_device,
@@ -87,7 +86,7 @@ class PromptRunner:
         self._warmed = True
         comp = runs[0][0]
         times = [ms for _, ms in runs]
-        compress_ms = statistics.median(times)
+        compress_ms, spread = median_spread(times)
         compressed = dataclasses.replace(sample, context=comp.context)
         self.last_sample, self.last_compressed = compressed, comp
         gen = self.lm.run(compressed, use_chat_template=use_chat_template)
@@ -103,7 +102,7 @@ class PromptRunner:
             "decode_ms": g_e2e - g_ttft if g_e2e is not None and g_ttft is not None else None,
         })
         if len(times) > 1:
-            lat["compress_ms_spread"] = max(times) - min(times)
+            lat["compress_ms_spread"] = spread
         mem = dict(gen.memory)
         c_peak = peaks["peak_allocated"]
         mem["compress_peak_allocated"] = c_peak

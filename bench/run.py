@@ -107,13 +107,24 @@ def record_invalid(cfg: DictConfig, error: str) -> Path | None:
 _MODEL_CACHE: dict[str, Any] = {}
 
 
+def model_key(model_cfg: dict[str, Any]) -> str:
+    """The process-wide model cache's key for a model config: its key fields."""
+    import json
+
+    return json.dumps(registry.key_fields("model", model_cfg), sort_keys=True, default=str)
+
+
+def cached_model(model_cfg: dict[str, Any]) -> Any:
+    """The model this process already loaded for ``model_cfg``, or None."""
+    return _MODEL_CACHE.get(model_key(model_cfg))
+
+
 def load_model(p: RunPlan) -> tuple[Any, float, bool]:
     """The plan's model, loaded or reused; returns (loaded, seconds spent loading, reused?)."""
     import gc
-    import json
     import time
 
-    key = json.dumps(registry.key_fields("model", p.model_cfg), sort_keys=True, default=str)
+    key = model_key(p.model_cfg)
     if key in _MODEL_CACHE:
         return _MODEL_CACHE[key], 0.0, True
     if _MODEL_CACHE:  # free the previous model before loading the next one

@@ -34,6 +34,7 @@ detokeniser); no ``drop_consecutive``, ``force_reserve_digit``, ``use_context_le
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from tokenbench.errors import TokenbenchError
@@ -41,6 +42,7 @@ from tokenbench.families.prompt import (
     Fit,
     PromptCompressor,
     _check_device,
+    assign,
     char_starts,
     resolve_compressor_device,
     shared_model,
@@ -52,31 +54,34 @@ HUB_ID = "microsoft/llmlingua-2-xlm-roberta-large-meetingbank"
 _SENTENCE_END = (".", "!", "?", "\n")
 
 
-@dataclass
-class LoadedClassifier:
-    model: Any
-    tokenizer: Any
-    device: str
-    weights_bytes: int
-
-
-def load_classifier(path: str, device: str) -> LoadedClassifier:
+def load_classifier(path: str, device: str) -> Any:
+    """The token-classification checkpoint at ``path`` (a local directory or a hub id) as a ``LoadedModel``;
+    one-line errors, and no retries of an unreachable hub (only its local cache is tried)."""
     import torch
     from transformers import AutoModelForTokenClassification, AutoTokenizer
 
-    try:
-        tok = AutoTokenizer.from_pretrained(path)
-        model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32)
-    except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise TokenbenchError(f"llmlingua2: cannot load the token-classification model '{path}' "
-                              f"(a local checkpoint directory or a reachable hub id): {first}") from None
+    from tokenbench.models.base import LoadedModel
+    from tokenbench.models.hf_causal_lm import _looks_like_path, _TranslateErrors
+    from tokenbench.models.hf_utils import hub_offline, hub_reachable
+
+    local = Path(path).expanduser()
+    kwargs: dict[str, Any] = {}
+    if local.exists() or _looks_like_path(path):
+        if not local.exists():
+            raise TokenbenchError(f"llmlingua2: cannot load '{path}': no such checkpoint directory")
+        source = f"local:{local}"
+    elif hub_offline() or not hub_reachable():
+        kwargs["local_files_only"] = True
+        source = f"hub-cache:{path}"
+    else:
+        source = f"hub:{path}"
+    with _TranslateErrors("llmlingua2", path, kwargs):
+        tok = AutoTokenizer.from_pretrained(path, **kwargs)
+        model = AutoModelForTokenClassification.from_pretrained(path, dtype=torch.float32, **kwargs)
     if getattr(model.config, "num_labels", 0) < 2:
         raise TokenbenchError(f"llmlingua2: '{path}' has {model.config.num_labels} label(s); "
                               "it needs 2 (0 = drop, 1 = keep)")
-    model = model.to(device).eval()
-    n = sum(p.numel() * p.element_size() for p in model.parameters())
-    return LoadedClassifier(model, tok, device, n)
+    return LoadedModel.wrap(model.to(device).eval(), tok, device, torch.float32, source=source)
 
 
 @register_method("llmlingua2", family="prompt")
@@ -108,7 +113,7 @@ class LLMLingua2(PromptCompressor):
             (f"llmlingua2:{self.model_path}", device), lambda: load_classifier(self.model_path, device))
 
     @property
-    def classifier(self) -> LoadedClassifier:
+    def classifier(self) -> Any:
         return self.prepared("_lm")
 
     def chunks(self, pieces: list[str]) -> list[tuple[int, int]]:
@@ -145,12 +150,9 @@ class LLMLingua2(PromptCompressor):
             with torch.inference_mode():
                 logits = clf.model(**{k: v.to(clf.device) for k, v in enc.items()}).logits[0].float()
             keep = logits.softmax(-1)[:, 1].cpu().tolist()
-            starts = char_starts(pieces[a:b])
             sums, counts = [0.0] * (b - a), [0] * (b - a)
-            for (s, e), sp, p in zip(offsets, special, keep):
-                if sp or e <= s:
-                    continue
-                w = max(0, min(b - a - 1, _bisect(starts, s)))
+            toks = [(s, p) for (s, e), sp, p in zip(offsets, special, keep) if not sp and e > s]
+            for w, (_, p) in zip(assign([s for s, _ in toks], char_starts(pieces[a:b])), toks):
                 sums[w] += p
                 counts[w] += 1
             for i in range(b - a):
@@ -164,8 +166,3 @@ class LLMLingua2(PromptCompressor):
             probs = [1.0 + p if any(t in w for t in self.force_tokens) else p for w, p in zip(pieces, probs)]
         return self.fit(pieces, probs, budget)
 
-
-def _bisect(starts: list[int], s: int) -> int:
-    import bisect
-
-    return bisect.bisect_right(starts, s) - 1

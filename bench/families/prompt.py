@@ -207,6 +207,12 @@ class PromptCompressor(Method):
     def tokenizer(self) -> Any:
         return self.prepared("_tokenizer")
 
+    @property
+    def compressor_model(self) -> Any:
+        """The ``LoadedModel`` the method compresses with (it may be the target itself), or None for a method
+        that needs none; set by ``prepare``."""
+        return getattr(self, "_lm", None)
+
     def count(self, text: str) -> int:
         """Tokens of ``text`` with the target tokenizer (no special tokens)."""
         return len(self.tokenizer(text, add_special_tokens=False)["input_ids"]) if text else 0
@@ -397,19 +403,13 @@ class LMCompressor(PromptCompressor):
 def _same_model(spec: Any, target: Any, device: str) -> Any:
     """The target ``LoadedModel`` when ``spec`` (on ``device``) is the model the run already loaded."""
     import dataclasses
-    import json
+
+    from tokenbench.run import cached_model
 
     if target is None or str(getattr(target, "device", "")) != device:
         return None
-    try:
-        from tokenbench import registry
-        from tokenbench.run import _MODEL_CACHE
-    except ImportError:
-        return None
-    values = {k: v for k, v in dataclasses.asdict(spec).items()}
-    values["name"] = getattr(spec, "registered_name", "") or "hf-causal-lm"
-    for dev in {device, "auto"}:
-        key = json.dumps(registry.key_fields("model", {**values, "device": dev}), sort_keys=True, default=str)
-        if _MODEL_CACHE.get(key) is target:
+    values = {**dataclasses.asdict(spec), "name": getattr(spec, "registered_name", "") or "hf-causal-lm"}
+    for dev in {device, "auto"}:  # the run's config may have said either
+        if cached_model({**values, "device": dev}) is target:
             return target
     return None
