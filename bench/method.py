@@ -30,6 +30,15 @@ class Method:
     def validate(self) -> None:
         """Raise ``TokenbenchError`` (one line) on bad parameters; runs at construction. Families extend it."""
 
+    def check_int(self, name: str, low: int, optional: bool = False) -> None:
+        """One-line error unless the field ``name`` is an integer >= ``low`` (or None, when ``optional``)."""
+        v = getattr(self, name)
+        if optional and v is None:
+            return
+        if isinstance(v, bool) or not isinstance(v, int) or v < low:
+            unset = " (or unset)" if optional else ""
+            raise TokenbenchError(f"method '{self.label}': {name} must be an integer >= {low}{unset}, got {v!r}")
+
     def nominal_budget(self) -> dict[str, Any]:
         """The budget as configured (e.g. ``{"keep_ratio": 0.5}``), recorded next to the achieved one."""
         return {}

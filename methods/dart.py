@@ -77,10 +77,8 @@ class DART(LLMStageMethod):
 
     def validate(self) -> None:
         super().validate()
-        for name in ("pivot_image_token", "pivot_text_token"):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < 0:
-                raise TokenbenchError(f"method 'dart': {name} must be an integer >= 0, got {v!r}")
+        self.check_int("pivot_image_token", 0)
+        self.check_int("pivot_text_token", 0)
         if self.pivot_image_token + self.pivot_text_token == 0:
             raise TokenbenchError("method 'dart': needs at least one pivot (pivot_image_token + pivot_text_token)")
 

@@ -59,10 +59,8 @@ class ExpectedAttention(KVMethod):
 
     def validate(self) -> None:
         super().validate()
-        for name, lo in (("n_future_positions", 1), ("n_sink", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise TokenbenchError(f"method '{self.label}': {name} must be an integer >= {lo}, got {v!r}")
+        self.check_int("n_future_positions", 1)
+        self.check_int("n_sink", 0)
         e = self.epsilon
         if isinstance(e, bool) or not isinstance(e, (int, float)) or not e >= 0:
             raise TokenbenchError(f"method '{self.label}': epsilon must be a number >= 0, got {e!r}")

@@ -21,7 +21,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import KVMethod, ScoreContext
 from tokenbench.registry import register_method
 
@@ -35,9 +34,7 @@ class Knorm(KVMethod):
 
     def validate(self) -> None:
         super().validate()
-        s = self.skip_layers
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise TokenbenchError(f"method '{self.label}': skip_layers must be an integer >= 0, got {s!r}")
+        self.check_int("skip_layers", 0)
 
     def layer_budget(self, budget: int, segment_len: int, layer_idx: int, n_layers: int) -> int:
         return segment_len if layer_idx < self.skip_layers else budget

@@ -99,10 +99,7 @@ class LLMLingua(LMCompressor):
         if not isinstance(self.context_budget, int) or isinstance(self.context_budget, bool):
             raise TokenbenchError(f"method '{self.label}': context_budget must be an integer (tokens), "
                                   f"got {self.context_budget!r}")
-        if not isinstance(self.iterative_size, int) or isinstance(self.iterative_size, bool) \
-                or self.iterative_size < 1:
-            raise TokenbenchError(f"method '{self.label}': iterative_size must be an integer >= 1, "
-                                  f"got {self.iterative_size!r}")
+        self.check_int("iterative_size", 1)
         d = self.dynamic_context_compression_ratio
         if isinstance(d, bool) or not isinstance(d, (int, float)) or not 0.0 <= d <= 1.0:
             raise TokenbenchError(f"method '{self.label}': dynamic_context_compression_ratio must be in [0, 1], "

@@ -99,9 +99,7 @@ class LLMLingua2(PromptCompressor):
         if not isinstance(self.model_path, str) or not self.model_path.strip():
             raise TokenbenchError(f"method '{self.label}': model_path must be a checkpoint directory or hub id")
         _check_device(self.label, self.compressor_device)
-        if not isinstance(self.max_seq_len, int) or isinstance(self.max_seq_len, bool) or self.max_seq_len < 8:
-            raise TokenbenchError(f"method '{self.label}': max_seq_len must be an integer >= 8, "
-                                  f"got {self.max_seq_len!r}")
+        self.check_int("max_seq_len", 8)
         self.force_tokens = [str(t) for t in (self.force_tokens or [])]
 
     def prepare(self, target: Any) -> None:

@@ -42,7 +42,6 @@ from typing import ClassVar
 
 import torch
 from tokenbench import kv_attention
-from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import PHASES, KVMethod, ScoreContext
 from tokenbench.registry import register_method
 
@@ -63,10 +62,8 @@ class Scissorhands(KVMethod):
 
     def validate(self) -> None:
         super().validate()
-        for name, low in (("history_window", 1), ("recent_window", 0)):
-            v = getattr(self, name)
-            if isinstance(v, bool) or not isinstance(v, int) or v < low:
-                raise TokenbenchError(f"method '{self.label}': {name} must be an integer >= {low}, got {v!r}")
+        self.check_int("history_window", 1)
+        self.check_int("recent_window", 0)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         if ctx.phase == "prefill":

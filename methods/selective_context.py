@@ -59,9 +59,7 @@ class SelectiveContext(LMCompressor):
         if self.condition not in CONDITIONS:
             raise TokenbenchError(f"method '{self.label}': condition must be one of {', '.join(CONDITIONS)}, "
                                   f"got {self.condition!r}")
-        if not isinstance(self.batch_size, int) or isinstance(self.batch_size, bool) or self.batch_size < 1:
-            raise TokenbenchError(f"method '{self.label}': batch_size must be an integer >= 1, "
-                                  f"got {self.batch_size!r}")
+        self.check_int("batch_size", 1)
 
     def self_information(self, body: str) -> tuple[list[int], list[float]]:
         """Start character and self-information of every compressor token of ``body``."""

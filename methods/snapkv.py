@@ -65,9 +65,7 @@ class SnapKV(KVMethod):
 
     def validate(self) -> None:
         super().validate()
-        if not _int_at_least(self.window_size, 1):
-            raise TokenbenchError(f"method '{self.label}': window_size must be an integer >= 1, "
-                                  f"got {self.window_size!r}")
+        self.check_int("window_size", 1)
         if not _int_at_least(self.kernel_size, 1) or self.kernel_size % 2 == 0:
             raise TokenbenchError(f"method '{self.label}': kernel_size must be an odd integer >= 1, "
                                   f"got {self.kernel_size!r}")

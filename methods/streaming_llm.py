@@ -21,7 +21,6 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
-from tokenbench.errors import TokenbenchError
 from tokenbench.families.kv import PHASES, KVMethod, ScoreContext
 from tokenbench.registry import register_method
 
@@ -37,9 +36,7 @@ class StreamingLLM(KVMethod):
 
     def validate(self) -> None:
         super().validate()
-        if isinstance(self.n_sink, bool) or not isinstance(self.n_sink, int) or self.n_sink < 0:
-            raise TokenbenchError(f"method '{self.label}': n_sink must be an integer >= 0, "
-                                  f"got {self.n_sink!r}")
+        self.check_int("n_sink", 0)
 
     def score(self, ctx: ScoreContext) -> torch.Tensor:
         pos = ctx.positions

@@ -44,9 +44,8 @@ class VATP(KVMethod):
 
     def validate(self) -> None:
         super().validate()
-        s, r = self.n_sink, self.recent_ratio
-        if isinstance(s, bool) or not isinstance(s, int) or s < 0:
-            raise TokenbenchError(f"method '{self.label}': n_sink must be an integer >= 0, got {s!r}")
+        self.check_int("n_sink", 0)
+        r = self.recent_ratio
         if isinstance(r, bool) or not isinstance(r, (int, float)) or not 0 <= r <= 1:
             raise TokenbenchError(f"method '{self.label}': recent_ratio must be in [0, 1], got {r!r}")
 

@@ -49,10 +49,7 @@ class VisionZip(VLMMethod):
 
     def validate(self) -> None:
         super().validate()
-        if self.n_contextual is not None and (isinstance(self.n_contextual, bool)
-                                              or not isinstance(self.n_contextual, int) or self.n_contextual < 1):
-            raise TokenbenchError(f"method 'visionzip': n_contextual must be an integer >= 1 (or unset), "
-                                  f"got {self.n_contextual!r}")
+        self.check_int("n_contextual", 1, optional=True)
 
     def min_budget(self) -> int:
         return 2 + (self.n_contextual or 1) - 1  # [CLS] + at least one contextual token

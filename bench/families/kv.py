@@ -248,10 +248,7 @@ class KVMethod(Method):
         kr = self.keep_ratio
         if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not (0.0 < float(kr) <= 1.0):
             raise TokenbenchError(f"method '{self.label}': keep_ratio must be in (0, 1], got {kr!r}")
-        if self.n_keep is not None and (isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int)
-                                        or self.n_keep < 1):
-            raise TokenbenchError(f"method '{self.label}': n_keep must be an integer >= 1 (or unset), "
-                                  f"got {self.n_keep!r}")
+        self.check_int("n_keep", 1, optional=True)
         if self.phase is not None and self.phase not in self.supported_phases:
             why = "unknown phase" if self.phase not in PHASES else "unsupported phase"
             raise TokenbenchError(f"method '{self.label}': {why} '{self.phase}'; it supports "

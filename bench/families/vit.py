@@ -160,8 +160,7 @@ class VisionTokenReducer(Method):
 
     def validate(self) -> None:
         """Raise ``TokenbenchError`` (one line) on a bad budget. Subclasses extend it."""
-        if isinstance(self.r, bool) or not isinstance(self.r, int) or self.r < 0:
-            raise TokenbenchError(f"method '{self.label}': r must be an integer >= 0, got {self.r!r}")
+        self.check_int("r", 0)
         inf = self.inflection
         if isinstance(inf, bool) or not isinstance(inf, (int, float)) or not -1.0 <= float(inf) <= 1.0:
             raise TokenbenchError(f"method '{self.label}': inflection must be in [-1, 1], got {inf!r}")

@@ -160,10 +160,7 @@ class VLMMethod(Method):
         kr = self.keep_ratio
         if isinstance(kr, bool) or not isinstance(kr, (int, float)) or not 0.0 < float(kr) <= 1.0:
             raise TokenbenchError(f"method '{self.label}': keep_ratio must be in (0, 1], got {kr!r}")
-        if self.n_keep is not None and (isinstance(self.n_keep, bool) or not isinstance(self.n_keep, int)
-                                        or self.n_keep < 1):
-            raise TokenbenchError(f"method '{self.label}': n_keep must be an integer >= 1 (or unset), "
-                                  f"got {self.n_keep!r}")
+        self.check_int("n_keep", 1, optional=True)
 
     def budget(self, n_visual: int) -> int:
         """Visual tokens kept out of ``n_visual``; a budget above the count fails with one line."""
@@ -218,9 +215,7 @@ class LLMStageMethod(VLMMethod):
 
     def validate(self) -> None:
         super().validate()
-        k = self.prune_layer
-        if isinstance(k, bool) or not isinstance(k, int) or k < 1:
-            raise TokenbenchError(f"method '{self.label}': prune_layer must be an integer >= 1, got {k!r}")
+        self.check_int("prune_layer", 1)
 
 
 # --- applying it -----------------------------------------------------------------------------------
