@@ -48,7 +48,15 @@ from dataclasses import dataclass, replace
 from typing import Any
 
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.prompt import Fit, LMCompressor, assign, char_starts, paragraphs, token_pieces
+from tokenbench.families.prompt import (
+    Fit,
+    LMCompressor,
+    assign,
+    char_starts,
+    paragraphs,
+    token_nll,
+    token_pieces,
+)
 from tokenbench.models.hf_utils import cache_kwarg
 from tokenbench.registry import register_method
 
@@ -150,8 +158,7 @@ class LLMLingua(LMCompressor):
             for w0 in range(0, len(ids), step):
                 window = ids[w0:w0 + step]
                 logits = torch.cat([last.unsqueeze(0), self._forward(window, cache)[:-1]])
-                tgt = torch.tensor(window, device=logits.device)
-                loss = (-logits.log_softmax(-1).gather(1, tgt.unsqueeze(1)).squeeze(1)).tolist()
+                loss = token_nll(logits, torch.tensor(window, device=logits.device)).tolist()
                 pool = history + loss
                 mask = [False] * len(window)
                 # pieces of the window with one ratio each (a window can span segments)

@@ -35,7 +35,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.prompt import Fit, LMCompressor, assign, char_starts, sentences, token_pieces, words
+from tokenbench.families.prompt import (
+    Fit,
+    LMCompressor,
+    assign,
+    char_starts,
+    sentences,
+    token_nll,
+    token_pieces,
+    words,
+)
 from tokenbench.registry import register_method
 
 UNITS = ("sentence", "word", "token")
@@ -95,8 +104,7 @@ class SelectiveContext(LMCompressor):
                     x[r, : len(seqs[i]) + 1] = torch.tensor([bos, *seqs[i]])
                     mask[r, : len(seqs[i]) + 1] = 1
                 logits = model(input_ids=x.to(device), attention_mask=mask.to(device)).logits.float()
-                logp = logits[:, :-1].log_softmax(-1)
-                nll = -logp.gather(2, x[:, 1:].to(device).unsqueeze(2)).squeeze(2).cpu()
+                nll = token_nll(logits[:, :-1], x[:, 1:].to(device)).cpu()
                 for r, i in enumerate(idx):
                     out[i] = nll[r, : len(seqs[i])].tolist()
         return out

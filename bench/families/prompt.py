@@ -392,12 +392,14 @@ class LMCompressor(PromptCompressor):
                 hi = min(len(seq), lo + window + (pos - lo))
                 x = torch.tensor([seq[lo:hi]], device=device)
                 logits = model(input_ids=x).logits[0].float()
-                logp = logits[:-1].log_softmax(-1)
-                tgt = x[0, 1:]
-                nll = -logp.gather(1, tgt.unsqueeze(1)).squeeze(1)
-                out.extend(nll[pos - 1 - lo:].tolist())
+                out.extend(token_nll(logits[:-1], x[0, 1:])[pos - 1 - lo:].tolist())
                 pos = hi
         return out
+
+
+def token_nll(logits: Any, targets: Any) -> Any:
+    """``-log p(target)`` (nats) at every position: ``logits`` ``(..., V)`` float, ``targets`` ``(...)`` ids."""
+    return -logits.log_softmax(-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
 
 
 def _same_model(spec: Any, target: Any, device: str) -> Any:
