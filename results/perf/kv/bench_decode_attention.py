@@ -47,12 +47,16 @@ def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--slots", type=int, nargs="+", default=[3408, 32928, 848, 8336])
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 1])
+    ap.add_argument("--configs", nargs="+", default=None, metavar="BLOCK,WARPS,STAGES,PER_SM",
+                    help="Triton launch settings to measure (default: the eight of the first study)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     dev, dtype, hq, h, d = "cuda", torch.bfloat16, 32, 8, 128
     compiled = torch.compile(kv_attention.decode_attention, dynamic=True, fullgraph=True)
     configs = [(64, 4, 3, 4), (64, 4, 4, 4), (128, 4, 3, 4), (128, 8, 3, 4), (64, 4, 3, 8), (32, 4, 4, 4),
                (64, 4, 3, 2), (128, 4, 2, 4)]  # (BLOCK, warps, stages, programs per SM)
+    if args.configs:
+        configs = [tuple(int(x) for x in c.split(",")) for c in args.configs]
     rows: list[dict[str, Any]] = []
     for b in args.batches:
         for c in args.slots:
