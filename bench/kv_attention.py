@@ -116,7 +116,7 @@ def attention(module: torch.nn.Module, query: torch.Tensor, key: torch.Tensor, v
         if backend == "triton":
             from tokenbench import kv_decode_triton
 
-            out, weights = kv_decode_triton.decode_attention(query, key, value, kvalid, scale,
+            out, weights = kv_decode_triton.decode_attention(query, key, value, kvalid, scale, normalize=False,
                                                              want_weights=session.needs_decode_weights)
         elif session.needs_decode_weights or backend == "matmul":
             out, weights = DECODE_IMPL[0](query, key, value, kvalid, scale)

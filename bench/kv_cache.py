@@ -119,8 +119,10 @@ class EvictionLayer(CacheLayerMixin):
             self.pos[:, :, s] = torch.where(qvalid, qpos, _FAR).unsqueeze(1)
             self.last_written = torch.arange(self.fill, self.fill + q, device=self.device).expand(b, h, q)
             self.fill += q
-        for t in self.state.values():  # a written slot starts with a clean method state
-            t.scatter_(2, self._state_index(self.last_written, t), 0)
+            for t in self.state.values():  # a written slot starts with a clean method state
+                t.scatter_(2, self._state_index(self.last_written, t), 0)
+        # (a decode write needs no reset: it goes to a never-written slot, zero, or to one that the decode
+        # eviction freed and zeroed, families.kv.evict_lowest)
         return self.keys[:, :, : self.attend_len], self.values[:, :, : self.attend_len]
 
     @property

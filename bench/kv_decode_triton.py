@@ -158,12 +158,14 @@ def n_splits(batch: int, kv_heads: int, slots: int, device: torch.device) -> int
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,
-                     scaling: float, want_weights: bool = False,
-                     splits: Optional[int] = None) -> tuple[torch.Tensor, Optional[torch.Tensor]]:
+                     scaling: float, want_weights: bool = False, splits: Optional[int] = None,
+                     normalize: bool = True) -> tuple[torch.Tensor, Any]:
     """``query`` ``(B, Hq, 1, D)``, ``key``/``value`` ``(B, H, C, D)`` (any strides with a contiguous last
     dimension), ``kvalid`` ``(B, H, C)`` bool. Returns the output ``(B, Hq, 1, D)`` in the value dtype and, if
     ``want_weights``, the attention weights ``(B, Hq, 1, C)`` float32 (0 on masked slots), as
-    ``kv_attention.decode_attention``."""
+    ``kv_attention.decode_attention``; with ``normalize=False`` instead the masked logits ``(B, Hq, C)``
+    (-inf on masked slots) and their logsumexp ``(B, Hq)``, weights = ``exp(logits - lse)``, for a consumer
+    that fuses the exponential into its own kernel (``ScoreContext.attention`` under ``measure.fuse_kernels``)."""
     b, hq, q, d = query.shape
     _, h, c, _ = key.shape
     if q != 1 or hq % h or d & (d - 1) or d < 16 or value.shape[-1] != d:
@@ -195,4 +197,6 @@ def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor
     combine[(b * hq,)](part_o, part_m, part_l, out, lse, ns, NSP=triton.next_power_of_2(ns), D=d)
     if not want_weights:
         return out, None
+    if not normalize:
+        return out, (logits, lse)
     return out, (logits - lse.unsqueeze(-1)).exp_().unsqueeze(2)

@@ -74,9 +74,8 @@ class Scissorhands(KVMethod):
             weights, qpos, qvalid = ctx.attention(), ctx.query_positions, ctx.query_valid
         count = self._record(ctx, self._unimportant(ctx, weights, qpos, qvalid))
         pos = torch.where(ctx.valid, ctx.positions, 0).float()
-        newest = pos.amax(dim=-1, keepdim=True)
         # fewer unimportant steps first, then the newer token (exact while w * newest < 2**24)
-        scores = pos - count * (newest + 1)
+        scores = pos - count * (ctx.newest().float() + 1)
         n_recent = self.recent_window if ctx.budget is None else ctx.budget.clamp(max=self.recent_window)
         return ctx.keep_first(scores, ctx.recent(n_recent))  # the window never exceeds the budget: no order
 

@@ -11,7 +11,7 @@ import pytest
 import torch
 from tokenbench.config import MeasureSettings
 from tokenbench.errors import TokenbenchError
-from tokenbench.families.kv import KVMethod, ScoreContext
+from tokenbench.families.kv import RAISED, KVMethod, ScoreContext
 from tokenbench.lm import LMRunner, Prompt
 from tokenbench.models.tiny import TinyLlama
 from tokenbench.registry import METHODS, load_all
@@ -223,7 +223,9 @@ def test_keep_first_without_order_raises_the_mask_uniformly() -> None:
     mask[:, :, 4:] = True
     out = ctx.keep_first(scores, mask)
     assert torch.equal(out[~mask], scores[~mask])
-    assert bool((out[mask] == 4.0).all())  # 1 + the largest |score| outside the mask in the row (-3)
+    assert bool((out[mask] == RAISED).all())  # one constant above every live score
+    assert bool((out[mask] > scores[~mask].abs().max()).all())
+    assert RAISED < 3e38  # below the Ada-KV floor's boost, so the floor still comes first
 
 
 @pytest.mark.parametrize("kw", [{"recent_ratio": 1.5}, {"recent_ratio": -0.1}, {"recent_ratio": True}])
@@ -408,3 +410,53 @@ def test_generation_evicts_by_the_rule(loaded, name: str, query_aware: bool, pha
             for i, h, v in victims:
                 by_step.setdefault(i, set()).add(v)
             assert all(len(v) == 1 for v in by_step.values())
+
+
+# --- the decode eviction step ----------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_evict_lowest_frees_the_lowest_live_slot_and_returns_the_first_free(seed: int) -> None:
+    """``evict_lowest`` against its rule spelled out slot by slot: a row/head over its cap loses its
+    lowest-scoring live slot (validity cleared, position emptied, every state zeroed there), the others keep
+    everything, and the next write slot is the first free one after the eviction."""
+    from tokenbench.families.kv import evict_lowest, first_free
+    from tokenbench.kv_cache import _FAR
+
+    g = torch.Generator().manual_seed(seed)
+    b, h, c = 3, 2, 12
+    valid = torch.rand(b, h, c, generator=g) < 0.8
+    valid[0, 0] = True  # a full row: its next slot can only be the freed one
+    pos = torch.where(valid, torch.randperm(b * h * c, generator=g).view(b, h, c), _FAR)
+    scores = torch.randn(b, h, c, generator=g)
+    cap = torch.randint(6, 12, (b, 1), generator=g)
+    states = (torch.rand(b, h, c, generator=g), torch.randint(1, 9, (b, h, c), generator=g))
+    want_valid, want_pos, want_states = valid.clone(), pos.clone(), [t.clone() for t in states]
+    for i in range(b):
+        for j in range(h):
+            if int(valid[i, j].sum()) > int(cap[i]):
+                v = int(scores[i, j].masked_fill(~valid[i, j], float("inf")).argmin())
+                want_valid[i, j, v], want_pos[i, j, v] = False, _FAR
+                for t in want_states:
+                    t[i, j, v] = 0
+    v2, p2, s2 = valid.clone(), pos.clone(), tuple(t.clone() for t in states)
+    nxt = evict_lowest(scores, v2, p2, cap, s2)
+    assert torch.equal(v2, want_valid) and torch.equal(p2, want_pos)
+    for got, want in zip(s2, want_states):
+        assert torch.equal(got, want)
+    assert torch.equal(nxt, first_free(want_valid))
+    assert int(nxt[0, 0]) == int(scores[0, 0].argmin())  # the full row writes where it evicted
+
+
+def test_newest_at_a_decode_step_is_the_steps_own_token() -> None:
+    """At a decode step ``ScoreContext.newest`` takes the step's query position (its token is written before
+    scoring) instead of reducing over the slots; it equals that reduction."""
+    c = 9
+    pos = torch.tensor([3, 0, 7, 1, 5, 2, 8, 4, 6]).view(1, 1, c).expand(2, 2, c).clone()
+    valid = torch.ones(2, 2, c, dtype=torch.bool)
+    valid[1, :, 6] = False  # row 1's position 8 was evicted; its query is at 9, just written
+    pos[1, :, 1] = 9
+    ctx = ScoreContext.synthetic(torch.zeros(2, 4, 1, 4), torch.zeros(2, 2, c, 4), positions=pos, valid=valid,
+                                 query_positions=torch.tensor([[8], [9]]), phase="decode")
+    reduced = pos.masked_fill(~valid, -1).amax(dim=-1, keepdim=True)
+    assert torch.equal(ctx.newest(), reduced)

@@ -59,29 +59,38 @@ def first_free(valid: torch.Tensor) -> torch.Tensor:
     return (~valid).to(torch.uint8).argmax(dim=-1)
 
 
-def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
-                 cap: torch.Tensor) -> torch.Tensor:
+def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, cap: torch.Tensor,
+                 states: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
     """One steady-state decode eviction, in place: every row/head holding more than ``cap`` (``(B, 1)``) live
-    tokens frees its lowest-scoring live slot (``valid`` cleared, ``pos`` set to the empty marker). Returns
-    the next write slot per row/head, ``(B, H)``: the first free one. A pure tensor function so that
-    ``measure.fuse_kernels`` can compile it into a few kernels (eager: ~15 small ones per layer and step)."""
-    over = valid.sum(dim=-1) > cap  # (B, H)
+    tokens frees its lowest-scoring live slot (``valid`` cleared, ``pos`` set to the empty marker, the
+    method's per-slot ``states`` zeroed, so the token written there next starts clean). Returns the next write
+    slot per row/head, ``(B, H)``: the first free one. A pure tensor function so that
+    ``measure.fuse_kernels`` can compile it into a few kernels (eager: ~15 small ones per layer and step);
+    the three reductions over the slots (live count, lowest score, first free slot) read the same rows, so
+    they can share one."""
+    over = valid.sum(dim=-1, keepdim=True) > cap.unsqueeze(-1)  # (B, H, 1)
     victim = scores.float().masked_fill(~valid, float("inf")).argmin(dim=-1, keepdim=True)
-    still = valid.gather(2, victim) & ~over.unsqueeze(-1)
-    valid.scatter_(2, victim, still)
-    pos.scatter_(2, victim, torch.where(still, pos.gather(2, victim), _FAR))
-    return first_free(valid)
+    slots = torch.arange(valid.shape[-1], device=valid.device)
+    free = torch.where(valid, valid.shape[-1], slots).amin(dim=-1, keepdim=True)  # before; C: the row is full
+    evicted = valid.gather(2, victim) & over
+    valid.scatter_(2, victim, ~evicted & valid.gather(2, victim))
+    pos.scatter_(2, victim, torch.where(evicted, _FAR, pos.gather(2, victim)))
+    for t in states:
+        t.scatter_(2, victim, torch.where(evicted, 0, t.gather(2, victim)))
+    # (a full row is always over its cap, since capacity > cap; the clamp only keeps a write in bounds)
+    return torch.where(evicted, torch.minimum(victim, free), free).squeeze(-1).clamp(max=valid.shape[-1] - 1)
 
 
 def decode_evict(method: KVMethod, ctx: ScoreContext, cap: torch.Tensor) -> torch.Tensor:
     """A steady-state decode step of a decode-time method: its ``score`` and ``evict_lowest``, in place on the
     layer. One function so that ``measure.fuse_kernels`` compiles the method's scoring together with the
     eviction (eager, tova/h2o/scissorhands run 15-40 small kernels per layer and step)."""
-    return evict_lowest(method.score(ctx), ctx.valid, ctx.positions, cap)
+    return evict_lowest(method.score(ctx), ctx.valid, ctx.positions, cap, ctx.states())
 
 
 EVICT_IMPL = [decode_evict]  # tokenbench.fused_decode swaps in a compiled version
 
+RAISED = 1e30  # ScoreContext.keep_first's score for protected slots (below the Ada-KV floor's boost, 3e38)
 ADA_FLOOR = 0.2  # Ada-KV's safeguard: every head keeps at least this fraction of the uniform head budget
 
 
@@ -105,6 +114,9 @@ class ScoreContext:
     layer: EvictionLayer = field(repr=False)
     rotary: Any = field(default=None, repr=False)  # the model's rotary embedding module, if any
     attn_weights: Optional[torch.Tensor] = field(default=None, repr=False)  # decode: (B, Hq, 1, C) float32
+    # or, from the Triton decode kernel, its masked logits (B, Hq, C) and their logsumexp (B, Hq): the weights
+    # are then formed where a method reads them, inside its compiled scoring (one pass fewer over them)
+    attn_logits: Optional[tuple[torch.Tensor, torch.Tensor]] = field(default=None, repr=False)
     step: int = 0  # evictions this layer had before in this session (frozen inside a captured graph)
     # what this eviction compares, for methods whose rule depends on it (e.g. a recent window of the budget):
     candidates: Optional[torch.Tensor] = field(default=None, repr=False)  # (B, H, C) bool; None: all valid
@@ -134,11 +146,19 @@ class ScoreContext:
         probs = probs * self.query_valid[:, q_idx].view(b, 1, 1, w, 1)  # padding queries weigh nothing
         return probs.view(b, hq, w, -1)
 
+    def _step_weights(self) -> Optional[torch.Tensor]:
+        """The weights the attention itself produced (a decode step), ``(B, Hq, 1, C)``, or None."""
+        if self.attn_logits is not None:
+            logits, lse = self.attn_logits
+            return (logits - lse.unsqueeze(-1)).exp().unsqueeze(2)
+        return self.attn_weights
+
     def attention(self, last: Optional[int] = None) -> torch.Tensor:
         """Softmax attention ``(B, Hq, w, C)`` (float32) of this forward's last ``last`` queries (all if
         None); at a decode step, that step's weights. Padding queries have all-zero rows."""
-        if self.attn_weights is not None and (last is None or last >= self.attn_weights.shape[2]):
-            return self.attn_weights
+        step = self._step_weights()
+        if step is not None and (last is None or last >= step.shape[2]):
+            return step
         q = self.queries.shape[2]
         return self._weights(slice(q - min(q, last or q), q))
 
@@ -146,8 +166,9 @@ class ScoreContext:
         """Attention each slot received, summed over all of this forward's (valid) queries: ``(B, Hq, C)``,
         computed in query chunks (by default sized to ~1 GiB of float32 weights) so the ``q x C`` matrix
         never exists whole."""
-        if self.attn_weights is not None:
-            return self.attn_weights.sum(dim=2)
+        step = self._step_weights()
+        if step is not None:
+            return step.sum(dim=2)
         b, hq, q, _ = self.queries.shape
         if chunk is None:
             chunk = max(1, min(q, (1 << 30) // max(1, b * hq * self.keys.shape[2] * 4)))
@@ -184,12 +205,21 @@ class ScoreContext:
                    attn_weights=attn_weights, step=step, candidates=candidates,
                    budget=torch.full((b, 1), budget, device=dev) if isinstance(budget, int) else budget)
 
+    def newest(self) -> torch.Tensor:
+        """``(B, H, 1)``: the position of the newest candidate slot (-1 where there is none). At a decode
+        step that is the step's own token, written before scoring (decode queries are never padding), so no
+        reduction over the slots is needed."""
+        if self.phase == "decode" and self.candidates is None:
+            return self.query_positions[:, -1].view(-1, 1, 1).expand(*self.valid.shape[:2], 1)
+        cand = self.valid if self.candidates is None else self.candidates
+        return self.positions.masked_fill(~cand, -1).amax(dim=-1, keepdim=True)
+
     def recent(self, n: torch.Tensor | int) -> torch.Tensor:
         """``(B, H, C)`` bool: the candidate slots among the last ``n`` positions of the candidates (``n``: an
         int or a ``(B, 1)`` tensor). Positions are contiguous, so these are the ``n`` newest candidates unless
         some of them were evicted before. On the device, no sync."""
         cand = self.valid if self.candidates is None else self.candidates
-        newest = self.positions.masked_fill(~cand, -1).amax(dim=-1, keepdim=True)  # (B, H, 1)
+        newest = self.newest()
         n = torch.as_tensor(n, device=newest.device).view(-1, 1, 1) if not isinstance(n, int) else n
         return cand & (self.positions > newest - n)
 
@@ -202,6 +232,10 @@ class ScoreContext:
             self.layer.state[name] = t
         return t[:, :, : self.keys.shape[2]]
 
+    def states(self) -> tuple[torch.Tensor, ...]:
+        """Every per-slot state of this layer, over the slots scored (``evict_lowest`` zeroes freed slots)."""
+        return tuple(t[:, :, : self.keys.shape[2]] for t in self.layer.state.values())
+
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """``cos, sin`` of the model's rotary embedding at ``positions`` (``(B, n)``): ``(B, n, D)``."""
         if self.rotary is None:
@@ -213,11 +247,12 @@ class ScoreContext:
         """``scores`` ``(B, H, C)`` with the slots in ``mask`` raised above every live slot of their row (all
         heads, so also under Ada-KV allocation): any budget takes them first, the higher ``order`` first
         (e.g. a window, ``order=positions``; sinks, ``order=-positions``). Distinct values, so no ties.
-        ``order=None``: all raised to one value, no sort (for a mask never larger than what is kept)."""
+        ``order=None``: all raised to one value, ``RAISED``, no sort (for a mask never larger than what is
+        kept; a constant, so no reduction over the row: live scores stay far below it)."""
         s = scores.float()
-        top = s.masked_fill(~self.valid | mask, 0).abs().amax(dim=(1, 2), keepdim=True) + 1
         if order is None:
-            return torch.where(mask, top, s)
+            return torch.where(mask, RAISED, s)
+        top = s.masked_fill(~self.valid | mask, 0).abs().amax(dim=(1, 2), keepdim=True) + 1
         rank = order.float().masked_fill(~mask, float("-inf")).argsort(dim=-1).argsort(dim=-1)
         rank = rank - (~mask).sum(dim=-1, keepdim=True)  # 0 for the lowest ``order`` among ``mask``
         return torch.where(mask, top + rank.float(), s)
@@ -435,7 +470,7 @@ class KVSession:
     # --- called by the attention function ------------------------------------------------------------
 
     def _context(self, module: torch.nn.Module, layer: EvictionLayer, query: torch.Tensor,
-                 weights: Optional[torch.Tensor], scale: float, phase: str,
+                 weights: Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], scale: float, phase: str,
                  candidates: Optional[torch.Tensor] = None,
                  budget: Optional[torch.Tensor] = None) -> ScoreContext:
         n = layer.attend_len
@@ -444,8 +479,9 @@ class KVSession:
             keys=layer.keys[:, :, :n], values=layer.values[:, :, :n], valid=layer.valid[:, :, :n],
             positions=layer.pos[:, :, :n], queries=query, query_positions=self.cache.query_positions,
             query_valid=self.cache.query_valid, scaling=scale, layer=layer, rotary=self.rotary,
-            attn_weights=weights, step=self._steps.get(layer.layer_idx, 0), candidates=candidates,
-            budget=budget)
+            attn_weights=None if isinstance(weights, tuple) else weights,
+            attn_logits=weights if isinstance(weights, tuple) else None,
+            step=self._steps.get(layer.layer_idx, 0), candidates=candidates, budget=budget)
 
     def _scores(self, ctx: ScoreContext) -> torch.Tensor:
         scores = self.method.score(ctx)
@@ -457,7 +493,8 @@ class KVSession:
         return scores
 
     def after_attention(self, module: torch.nn.Module, layer: EvictionLayer, query: torch.Tensor,
-                        weights: Optional[torch.Tensor], scale: float) -> None:
+                        weights: Optional[torch.Tensor | tuple[torch.Tensor, torch.Tensor]], scale: float) -> None:
+        """``weights``: the decode step's attention weights, or its ``(logits, logsumexp)`` (Triton kernel)."""
         if self._mode == "prefill":
             self._after_prefill(module, layer, query, weights, scale)
         elif self._mode == "decode":
@@ -536,7 +573,7 @@ class KVSession:
                 self._select(layer, scores, layer.valid.clone(), [int(c) for c in cap.view(-1).tolist()], reserve=1)
                 layer.slot = first_free(layer.valid)
             else:
-                layer.slot.copy_(evict_lowest(scores, layer.valid, layer.pos, cap))
+                layer.slot.copy_(evict_lowest(scores, layer.valid, layer.pos, cap, ctx.states()))
             return
         # steady state, static shapes: free the lowest-scoring live slot of every row/head over capacity
         layer.slot.copy_(EVICT_IMPL[0](self.method, ctx, cap))
