@@ -1,8 +1,9 @@
 """Optional kernel fusion for LLM decoding (``measure.fuse_kernels``): ``torch.compile`` the elementwise parts
-of a decoder layer — RMSNorm, rotary embedding, the gated MLP's activation, the decode attention's
-scaling/mask/softmax, the decode-time methods' scoring and eviction — merge the gate/up and the query/key/value
-GEMMs, and write a decode step's key/value into the eviction cache with one Triton kernel, so a decode step is
-not dominated by hundreds of tiny kernels. Profiling a Llama-3.1-8B decode step on an H200 (batch 8, 32k context,
+of a decoder layer — RMSNorm (with the residual add before it, in Llama-style layers), rotary embedding (queries
+and keys in one kernel), the gated MLP's activation, the decode attention's scaling/mask/softmax, the
+decode-time methods' scoring and eviction — merge the gate/up and the query/key/value GEMMs, and write a decode
+step's key/value into the eviction cache with one Triton kernel, so a decode step is not dominated by hundreds
+of tiny kernels. Profiling a Llama-3.1-8B decode step on an H200 (batch 8, 32k context,
 ``results/perf/kv/profile_decode.py``) showed ~3.5 ms of its ~10 ms in elementwise kernels of 1-3 µs each,
 next to 4.5 ms of weight GEMVs. The matrix products stay cuBLAS; only the glue between them is fused.
 
@@ -16,7 +17,7 @@ works for Llama, Qwen2/3, Mistral and other models built from the same parts.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable
+from typing import Any, Callable, Optional
 
 import torch
 import torch.nn.functional as F
@@ -45,10 +46,101 @@ def _rotate_half(x: torch.Tensor) -> torch.Tensor:
     return torch.cat((-x2, x1), dim=-1)
 
 
+def _add_rms_norm(residual: torch.Tensor, x: torch.Tensor, weight: torch.Tensor,
+                  eps: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """``residual + x`` and its RMSNorm, in one kernel (compiled with explicit casts: the sum is rounded to the
+    input dtype before the norm reads it, as in the unfused layer)."""
+    h = residual + x
+    return h, _rms_norm(h, weight, eps)
+
+
 def _rope(q: torch.Tensor, k: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
           unsqueeze_dim: int = 1) -> tuple[torch.Tensor, torch.Tensor]:
     cos, sin = cos.unsqueeze(unsqueeze_dim), sin.unsqueeze(unsqueeze_dim)
+    if unsqueeze_dim == 1 and q.shape[0] == k.shape[0] and q.shape[2:] == k.shape[2:]:
+        # queries and keys side by side along the heads: one kernel writes both (two outputs of different
+        # shapes would be two kernels); the results are views of one buffer
+        qk = torch.cat([q, k], dim=1)
+        out = qk * cos + _rotate_half(qk) * sin
+        return out[:, : q.shape[1]], out[:, q.shape[1]:]
     return q * cos + _rotate_half(q) * sin, k * cos + _rotate_half(k) * sin
+
+
+_LAYER_PARTS = ("input_layernorm", "self_attn", "post_attention_layernorm", "mlp")
+
+
+def _llama_layer_code() -> Any:
+    import inspect
+
+    from transformers.models.llama.modeling_llama import LlamaDecoderLayer
+
+    return inspect.unwrap(LlamaDecoderLayer.forward).__code__
+
+
+def _is_llama_layer(layer: torch.nn.Module) -> bool:
+    """A pre-norm decoder layer whose forward is Llama's, byte for byte (Qwen2/3 and Mistral reuse it): norm,
+    attention, residual add, norm, MLP, residual add."""
+    import inspect
+
+    if not all(hasattr(layer, a) for a in _LAYER_PARTS):
+        return False
+    code, ref = inspect.unwrap(type(layer).forward).__code__, _llama_layer_code()
+    return (code.co_code, code.co_names, code.co_consts) == (ref.co_code, ref.co_names, ref.co_consts)
+
+
+class _Pending:
+    """Norm outputs computed ahead, by the kernel that formed their input (the previous residual add): the
+    next norm module returns its entry when called on that very tensor, and computes its own otherwise."""
+
+    def __init__(self) -> None:
+        self.ahead: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
+        self.hits = 0  # norms served from ``ahead`` (what the tests check)
+
+    def norm_forward(self, mod: torch.nn.Module, rms: Callable) -> Callable:
+        def forward(x: torch.Tensor) -> torch.Tensor:
+            got = self.ahead.pop(id(mod), None)
+            if got is not None and got[0] is x:
+                self.hits += 1
+                return got[1]
+            return rms(x, mod.weight, mod.variance_epsilon)
+
+        return forward
+
+    def layer_forward(self, layer: torch.nn.Module, next_norm: Optional[torch.nn.Module],
+                      add_rms: Callable) -> Callable:
+        """Llama's decoder-layer forward with each residual add fused into the RMSNorm that reads its sum: the
+        layer's own post-attention norm, and the next layer's input norm (or the model's final norm)."""
+        post = layer.post_attention_layernorm
+
+        def forward(hidden_states: torch.Tensor, **kwargs: Any) -> torch.Tensor:
+            if "past_key_values" in kwargs:  # transformers' deprecated name, as the original's decorator maps it
+                kwargs["cache"] = kwargs.pop("past_key_values")
+            attn, _ = layer.self_attn(hidden_states=layer.input_layernorm(hidden_states), **kwargs)
+            hidden, normed = add_rms(hidden_states, attn, post.weight, post.variance_epsilon)
+            out = layer.mlp(normed)
+            if next_norm is None:
+                return hidden + out
+            hidden, normed = add_rms(hidden, out, next_norm.weight, next_norm.variance_epsilon)
+            self.ahead[id(next_norm)] = (hidden, normed)
+            return hidden
+
+        return forward
+
+
+def _fuse_layers(model: torch.nn.Module, pending: _Pending, add_rms: Callable) -> int:
+    """Patch every Llama-style decoder layer (see ``_Pending.layer_forward``); returns how many."""
+    n = 0
+    for mod in model.modules():
+        layers = getattr(mod, "layers", None)
+        if not isinstance(layers, torch.nn.ModuleList) or not len(layers) or not all(map(_is_llama_layer, layers)):
+            continue
+        final = getattr(mod, "norm", None)
+        norms = [layer.input_layernorm for layer in layers[1:]] + [final]
+        for layer, nxt in zip(layers, norms):
+            ok = nxt is not None and hasattr(nxt, "variance_epsilon") and getattr(nxt, "weight", None) is not None
+            layer.forward = pending.layer_forward(layer, nxt if ok else None, add_rms)
+            n += 1
+    return n
 
 
 def _fused_mlp(m: torch.nn.Module, silu_mul: Callable) -> Callable:
@@ -109,13 +201,14 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
     """Patch ``model`` in place; returns how many modules of each kind were fused. Idempotent."""
     if getattr(model, "_tokenbench_fused", None) is not None:
         return model._tokenbench_fused
-    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "qkv": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "qkv": 0, "add_norm_layers": 0}
     rms = _compile("rms", _rms_norm)
     silu_mul = _compile("silu_mul", _silu_mul)
+    pending = _Pending()
     for m in model.modules():
         name = type(m).__name__
         if name.endswith("RMSNorm") and hasattr(m, "variance_epsilon") and getattr(m, "weight", None) is not None:
-            m.forward = (lambda mod: lambda x: rms(x, mod.weight, mod.variance_epsilon))(m)
+            m.forward = pending.norm_forward(m, rms)
             counts["rms_norm"] += 1
         elif all(hasattr(m, a) for a in ("gate_proj", "up_proj", "down_proj", "act_fn")):
             act = getattr(getattr(m, "config", None), "hidden_act", None)
@@ -131,6 +224,11 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
                     fused._tokenbench = True
                     module.apply_rotary_pos_emb = fused
                 counts["rope"] += 1
+    if counts["rms_norm"]:
+        add_rms = _compiled.setdefault("add_rms", torch.compile(_add_rms_norm, dynamic=True, fullgraph=True,
+                                                                options={"emulate_precision_casts": True}))
+        counts["add_norm_layers"] = _fuse_layers(model, pending, add_rms)
+        model._tokenbench_pending = pending
     from tokenbench import kv_attention
 
     kv_attention.DECODE_IMPL[0] = _compile("decode_attention", kv_attention.decode_attention)

@@ -567,12 +567,14 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None
     fused_lm = copy.deepcopy(loaded_sdpa)
     runner = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True))
     assert runner.fused["rms_norm"] == 5 and runner.fused["mlp"] == 2  # 2 layers x 2 norms + final; 2 MLPs
-    assert runner.fused["qkv"] == 2
+    assert runner.fused["qkv"] == 2 and runner.fused["add_norm_layers"] == 2
     attn = fused_lm.model.model.layers[0].self_attn
     assert attn.k_proj.weight.data_ptr() == attn.q_proj.weight.data_ptr() + attn.q_proj.weight.nbytes
     assert kv_family.EVICT_IMPL[0] is not kv_family.decode_evict  # the compiled scoring + eviction is in use
     assert kv_cache.WRITE_IMPL[0] is not kv_cache.write_decode
     assert_same_generation(runner.generate(p, 6, 6, return_logits=True), ref, tol=1e-5)
+    # every forward's input norms after the first layer and its final norm came from the fused residual adds
+    assert fused_lm.model._tokenbench_pending.hits > 0 and not fused_lm.model._tokenbench_pending.ahead
 
 
 def test_merge_keeps_method_state_of_groups_that_never_evicted(loaded) -> None:
