@@ -49,6 +49,8 @@ def main() -> None:
     ap.add_argument("--batches", type=int, nargs="+", default=[8, 1])
     ap.add_argument("--configs", nargs="+", default=None, metavar="BLOCK,WARPS,STAGES,PER_SM",
                     help="Triton launch settings to measure (default: the eight of the first study)")
+    ap.add_argument("--splits", type=int, nargs="+", default=[0],
+                    help="slices of the slots per (row, KV head) to measure; 0: the kernel's own plan")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     dev, dtype, hq, h, d = "cuda", torch.bfloat16, 32, 8, 128
@@ -81,16 +83,19 @@ def main() -> None:
             for block, warps, stages, per_sm in configs:
                 kv_decode_triton.BLOCK, kv_decode_triton.NUM_WARPS = block, warps
                 kv_decode_triton.NUM_STAGES, kv_decode_triton.PROGRAMS_PER_SM = stages, per_sm
-                for want in (False, True):
+                for want, sp in ((w_, s_) for s_ in args.splits for w_ in (False, True)):
+                    sp = sp or None
                     try:
-                        out, w = kv_decode_triton.decode_attention(q, k, v, valid, d ** -0.5, want_weights=want)
+                        out, w = kv_decode_triton.decode_attention(q, k, v, valid, d ** -0.5, want_weights=want,
+                                                                   splits=sp)
                         err = float((out.float() - ref.float()).abs().max())
                         if want:
                             err = max(err, float((w - ref_w).abs().max()))
                         us = timed(lambda: kv_decode_triton.decode_attention(q, k, v, valid, d ** -0.5,
-                                                                             want_weights=want))
-                        add(f"triton B{block} w{warps} s{stages} p{per_sm}" + (" +weights" if want else ""), us,
-                            err, block=block, warps=warps, stages=stages, programs_per_sm=per_sm, weights=want)
+                                                                             want_weights=want, splits=sp))
+                        add(f"triton B{block} w{warps} s{stages} p{per_sm}" + (f" splits{sp}" if sp else "")
+                            + (" +weights" if want else ""), us, err, block=block, warps=warps, stages=stages,
+                            programs_per_sm=per_sm, weights=want, splits=sp)
                     except Exception as exc:  # a launch setting the GPU cannot run: record, go on
                         print(f"b={b} C={c} B{block} w{warps} s{stages}: {type(exc).__name__}: {exc}"[:300])
             args.out.parent.mkdir(parents=True, exist_ok=True)
