@@ -41,17 +41,21 @@ def aligned(n: int) -> int:
 
 def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                  slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
-                 qpos: torch.Tensor) -> torch.Tensor:
+                 qpos: torch.Tensor, advance: bool = False) -> torch.Tensor:
     """A decode step's write, in place: the new key/value of every row and head into its ``slot`` ``(B, H)``,
-    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). Returns the written slots ``(B, H, 1)``.
-    A pure function so that ``measure.fuse_kernels`` can swap in one kernel for the four scatters
-    (``kv_decode_triton.write_decode``)."""
+    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). Returns the written slots ``(B, H, 1)``
+    (a copy). ``advance``: then point ``slot`` at the next slot (a cache that does not evict while decoding
+    fills its slots in order). A pure function so that ``measure.fuse_kernels`` can swap in one kernel for the
+    four scatters and the increment (``kv_decode_triton.write_decode``)."""
     b, h = slot.shape
     idx = slot.unsqueeze(-1)
     keys.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]), key_states)
     values.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, values.shape[-1]), value_states)
     valid.scatter_(2, idx, qvalid.view(b, 1, 1).expand(b, h, 1))
     pos.scatter_(2, idx, qpos.view(b, 1, 1).expand(b, h, 1))
+    if advance:
+        idx = idx.clone()
+        slot.add_(1)
     return idx
 
 
@@ -73,6 +77,7 @@ class EvictionLayer(CacheLayerMixin):
         self.pos: Optional[torch.Tensor] = None
         self.fill = 0  # slots [0, fill) have been written (prefill / multi-token forwards)
         self.slot: Optional[torch.Tensor] = None  # (batch, kv_heads) next decode write slot, decode mode only
+        self.advance = False  # decode writes move ``slot`` on by one (no eviction picks the next slot)
         self.state: dict[str, torch.Tensor] = {}  # method state; (B, H, capacity, ...) tensors follow the slots
         self.last_written: Optional[torch.Tensor] = None  # (B, H, q) slot indices of the last forward's tokens
         self.uniform_heads = True  # every KV head holds the same slots (until a per-head eviction)
@@ -106,7 +111,7 @@ class EvictionLayer(CacheLayerMixin):
         b, h = key_states.shape[:2]
         if self.slot is not None and q == 1:  # decode: one slot per row and head
             self.last_written = WRITE_IMPL[0](self.keys, self.values, self.valid, self.pos, self.slot, key_states,
-                                              value_states, qvalid, qpos)
+                                              value_states, qvalid, qpos, self.advance)
         else:
             if self.slot is not None:
                 raise RuntimeError("multi-token forward after decoding started")
@@ -141,7 +146,7 @@ class EvictionLayer(CacheLayerMixin):
 
     def reset(self) -> None:
         self.keys = self.values = self.valid = self.pos = self.slot = self.last_written = None
-        self.fill, self.state, self.is_initialized, self.uniform_heads = 0, {}, False, True
+        self.fill, self.state, self.is_initialized, self.uniform_heads, self.advance = 0, {}, False, True, False
 
     # --- views for attention and scoring -------------------------------------------------------------------
 
@@ -191,8 +196,10 @@ class EvictionLayer(CacheLayerMixin):
         if self.slot is not None:  # decoding: the next token goes to the first free slot
             self.slot = torch.full((b, h), w, dtype=torch.long, device=keep.device)
 
-    def start_decoding(self, steps: int) -> None:
-        """Switch to per-slot writes with room for ``steps`` more tokens per row and head."""
+    def start_decoding(self, steps: int, advance: bool = False) -> None:
+        """Switch to per-slot writes with room for ``steps`` more tokens per row and head; ``advance``: each
+        write moves on to the next slot (nothing evicts while decoding)."""
+        self.advance = advance
         if self.capacity < self.fill + steps:
             self._grow(self.fill + steps)
         self.slot = torch.full((self.keys.shape[0], self.keys.shape[1]), self.fill, dtype=torch.long,

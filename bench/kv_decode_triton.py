@@ -20,6 +20,7 @@ slow, for tests).
 
 from __future__ import annotations
 
+import math
 import os
 from functools import lru_cache
 from typing import Any, Optional
@@ -33,7 +34,9 @@ except ImportError:  # pragma: no cover - triton ships with torch's CUDA wheels
     triton = None
 
 BLOCK = 64  # slots per inner iteration
-PROGRAMS_PER_SM = 2  # split the slots until about this many programs per streaming multiprocessor
+# split the slots until about this many programs per streaming multiprocessor: 2.5 gives 6 slices per (row, KV
+# head) at 8 rows x 8 KV heads on 132 SMs, the fastest of 3-8 at 3.4k and 32k slots (bench_decode_attention.py)
+PROGRAMS_PER_SM = 2.5
 NUM_WARPS, NUM_STAGES = 4, 3  # launch configuration of the split kernel (results/perf/kv/bench_decode_attention.py)
 
 
@@ -106,7 +109,7 @@ def _combine(O, M, L, OUT, LSE, NSPLIT, NSP: tl.constexpr, D: tl.constexpr):
 
 def _write(K, V, VALID, POS, SLOT, KS, VS, QVALID, QPOS,
            sk_b, sk_h, sk_n, sv_b, sv_h, sv_n, sm_b, sm_h, sp_b, sp_h, sks_b, sks_h, svs_b, svs_h, sqv_b, sqp_b,
-           H, D: tl.constexpr):
+           H, D: tl.constexpr, ADVANCE: tl.constexpr):
     b = tl.program_id(0)  # one (row, KV head): its new key/value, validity and position into its slot
     h = tl.program_id(1)
     slot = tl.load(SLOT + b * H + h)
@@ -115,6 +118,8 @@ def _write(K, V, VALID, POS, SLOT, KS, VS, QVALID, QPOS,
     tl.store(V + b * sv_b + h * sv_h + slot * sv_n + d, tl.load(VS + b * svs_b + h * svs_h + d))
     tl.store(VALID + b * sm_b + h * sm_h + slot, tl.load(QVALID + b * sqv_b))
     tl.store(POS + b * sp_b + h * sp_h + slot, tl.load(QPOS + b * sqp_b))
+    if ADVANCE:  # each program owns its (row, head) slot: no race
+        tl.store(SLOT + b * H + h, slot + 1)
 
 
 @lru_cache(maxsize=None)
@@ -125,25 +130,27 @@ def _kernels() -> tuple[Any, Any, Any]:
 
 def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                  slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
-                 qpos: torch.Tensor) -> torch.Tensor:
-    """``kv_cache.write_decode`` in one kernel instead of four scatters (~3 µs each per layer on an H200);
-    the same arguments and result. Off a GPU, without Triton's interpreter, the eager version runs."""
+                 qpos: torch.Tensor, advance: bool = False) -> torch.Tensor:
+    """``kv_cache.write_decode`` in one kernel instead of four scatters (~3 µs each per layer on an H200) and,
+    with ``advance``, the slot increment; the same arguments and result. Off a GPU, without Triton's interpreter, the eager version runs."""
     from tokenbench import kv_cache
 
     d = keys.shape[-1]
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if (not keys.is_cuda and not interpreted) or d & (d - 1) or values.shape[-1] != d \
             or key_states.stride(-1) != 1 or value_states.stride(-1) != 1 or not slot.is_contiguous():
-        return kv_cache.write_decode(keys, values, valid, pos, slot, key_states, value_states, qvalid, qpos)
+        return kv_cache.write_decode(keys, values, valid, pos, slot, key_states, value_states, qvalid, qpos,
+                                     advance)
     b, h = slot.shape
     qv = qvalid.to(torch.bool).view(torch.uint8)
+    written = slot.unsqueeze(-1).clone() if advance else slot.unsqueeze(-1)
     _kernels()[2][(b, h)](
         keys, values, valid.view(torch.uint8), pos, slot, key_states, value_states, qv, qpos,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         valid.stride(0), valid.stride(1), pos.stride(0), pos.stride(1), key_states.stride(0),
         key_states.stride(1), value_states.stride(0), value_states.stride(1), qv.stride(0), qpos.stride(0),
-        h, D=d)
-    return slot.unsqueeze(-1)
+        h, D=d, ADVANCE=advance)
+    return written
 
 
 @lru_cache(maxsize=None)
@@ -153,7 +160,7 @@ def _sm_count(device: torch.device) -> int:
 
 def n_splits(batch: int, kv_heads: int, slots: int, device: torch.device) -> int:
     """Slices of the slots per (row, KV head): enough programs to fill the GPU, at least one block each."""
-    want = _cdiv(PROGRAMS_PER_SM * _sm_count(device), max(1, batch * kv_heads))
+    want = math.ceil(PROGRAMS_PER_SM * _sm_count(device) / max(1, batch * kv_heads))
     return max(1, min(want, _cdiv(slots, BLOCK)))
 
 

@@ -43,7 +43,7 @@ from __future__ import annotations
 import logging
 from dataclasses import dataclass, field
 from collections.abc import Iterator
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import torch
 from tokenbench.config import MeasureSettings
@@ -198,10 +198,12 @@ class LMRunner:
         self._eos = torch.tensor(self.eos_ids or [-1], device=self.device, dtype=torch.long)
         self._warmed = False
         self.n_layers = len(attention_modules(self.model))
+        self._greedy: Callable[[torch.Tensor], torch.Tensor] = lambda logits: logits.argmax(dim=-1)
         if getattr(self.measure, "fuse_kernels", False):
-            from tokenbench.fused_decode import fuse
+            from tokenbench.fused_decode import fuse, greedy
 
             self.fused = fuse(self.model)
+            self._greedy = greedy()
         # transformers >= 5.24 names the argument ``cache`` (``past_key_values`` is deprecated)
         self._cache_kw = cache_kwarg(self.model)
 
@@ -328,7 +330,7 @@ class LMRunner:
                         graph.replay()
                     else:
                         step_logits = self._forward(tok_in, pos_in, cache)[:, -1]
-                    nxt = step_logits.argmax(dim=-1)
+                    nxt = self._greedy(step_logits)
                     tokens[:, n] = nxt
                     tok_in.copy_(nxt.view(batch, 1))
                     n += 1

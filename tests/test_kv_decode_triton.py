@@ -100,8 +100,11 @@ def test_a_query_with_no_live_slot_outputs_zeros() -> None:
 def test_split_plan_fills_the_gpu_without_empty_slices() -> None:
     dev = torch.device("cpu")  # 8 "multiprocessors" off a GPU
     assert kv_decode_triton.n_splits(1, 8, 64, dev) == 1  # one block: never split
-    assert kv_decode_triton.n_splits(8, 8, 32768, dev) == 1  # 64 programs >= 4 per SM already
-    assert kv_decode_triton.n_splits(1, 2, 32768, dev) == 8
+    per_sm = kv_decode_triton.PROGRAMS_PER_SM
+    assert kv_decode_triton.n_splits(8, 8, 32768, dev) == 1  # 64 programs: already more than per_sm per SM
+    want = -(-int(per_sm * 8) // 2)  # two (row, KV head) pairs share 8 SMs x per_sm programs
+    assert kv_decode_triton.n_splits(1, 2, 32768, dev) == want
+    assert kv_decode_triton.n_splits(1, 2, 3 * 64, dev) == 3  # never a slice without a whole block
 
 
 def test_rejects_what_it_cannot_run() -> None:
@@ -112,10 +115,12 @@ def test_rejects_what_it_cannot_run() -> None:
         kv_decode_triton.decode_attention(q[..., :12], k[..., :12], v[..., :12], valid, 0.1)
 
 
+@pytest.mark.parametrize("advance", [False, True])
 @pytest.mark.parametrize("device", devices())
-def test_decode_write_kernel_matches_the_scatters(device) -> None:
+def test_decode_write_kernel_matches_the_scatters(device, advance) -> None:
     """One-kernel decode write (fused decoding) == kv_cache.write_decode's four scatters, on strided new
-    keys/values as the attention module hands them over (a transposed projection output)."""
+    keys/values as the attention module hands them over (a transposed projection output); with ``advance``
+    both move every slot on by one and return the slots written."""
     from tokenbench import kv_cache
 
     g = torch.Generator().manual_seed(11)
@@ -128,10 +133,11 @@ def test_decode_write_kernel_matches_the_scatters(device) -> None:
     new_v = torch.randn(b, 1, h, d, generator=g).to(device).transpose(1, 2)
     qvalid = torch.tensor([[True], [False], [True]], device=device)
     qpos = torch.tensor([[100], [101], [102]], device=device)
-    ref = [t.clone() for t in bufs]
-    idx_ref = kv_cache.write_decode(*ref, slot, new_k, new_v, qvalid, qpos)
-    idx = kv_decode_triton.write_decode(*bufs, slot, new_k, new_v, qvalid, qpos)
-    assert torch.equal(idx, idx_ref)
+    ref, slot_ref, before = [t.clone() for t in bufs], slot.clone(), slot.clone()
+    idx_ref = kv_cache.write_decode(*ref, slot_ref, new_k, new_v, qvalid, qpos, advance)
+    idx = kv_decode_triton.write_decode(*bufs, slot, new_k, new_v, qvalid, qpos, advance)
+    assert torch.equal(idx, idx_ref) and torch.equal(idx.squeeze(-1), before)
+    assert torch.equal(slot, slot_ref) and torch.equal(slot, before + 1 if advance else before)
     for got, want in zip(bufs, ref):
         assert torch.equal(got, want)
-    assert bool(bufs[2][1].gather(1, slot[1].view(h, 1)).any()) is False  # the padding row's write is invalid
+    assert bool(bufs[2][1].gather(1, before[1].view(h, 1)).any()) is False  # the padding row's write is invalid

@@ -612,3 +612,15 @@ def test_fused_qkv_projection_with_biases_and_foreign_inputs() -> None:
     torch.testing.assert_close(got_other[0], ref[1])
     torch.testing.assert_close(got_other[1], ref[2])  # computed by itself
     torch.testing.assert_close(got_other[2], ref[5])
+
+
+def test_compiled_greedy_pick_is_argmax_with_its_ties() -> None:
+    """fused_decode.greedy (the decode loop's compiled pick): torch.argmax's index, the first of tied maxima."""
+    from tokenbench import fused_decode
+
+    g = torch.Generator().manual_seed(3)
+    logits = torch.randn(4, 1000, generator=g)
+    logits[1, [7, 500, 999]] = 10.0  # a three-way tie
+    logits[2] = 0.0  # all tied
+    got = fused_decode.greedy()(logits)
+    assert torch.equal(got, logits.argmax(dim=-1)) and got.tolist()[1:3] == [7, 0]

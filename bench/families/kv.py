@@ -68,17 +68,22 @@ def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, c
     ``measure.fuse_kernels`` can compile it into a few kernels (eager: ~15 small ones per layer and step);
     the three reductions over the slots (live count, lowest score, first free slot) read the same rows, so
     they can share one."""
-    over = valid.sum(dim=-1, keepdim=True) > cap.unsqueeze(-1)  # (B, H, 1)
-    victim = scores.float().masked_fill(~valid, float("inf")).argmin(dim=-1, keepdim=True)
-    slots = torch.arange(valid.shape[-1], device=valid.device)
-    free = torch.where(valid, valid.shape[-1], slots).amin(dim=-1, keepdim=True)  # before; C: the row is full
-    evicted = valid.gather(2, victim) & over
-    valid.scatter_(2, victim, ~evicted & valid.gather(2, victim))
-    pos.scatter_(2, victim, torch.where(evicted, _FAR, pos.gather(2, victim)))
+    b, h, c = valid.shape
+    over = valid.sum(dim=-1) > cap  # (B, H)
+    victim = scores.float().masked_fill(~valid, float("inf")).argmin(dim=-1)
+    slots = torch.arange(c, device=valid.device)
+    free = torch.where(valid, c, slots).amin(dim=-1)  # before this eviction; C: the row is full
+    # one element per row/head, written by advanced indexing (index_put): inductor lowers a tensor-valued
+    # scatter_ into bool/int64 buffers on a GPU as an eager fallback kernel each
+    at = (torch.arange(b, device=valid.device).view(b, 1), torch.arange(h, device=valid.device).view(1, h), victim)
+    was = valid[at]
+    evicted = was & over
+    valid[at] = was & ~evicted
+    pos[at] = torch.where(evicted, _FAR, pos[at])
     for t in states:
-        t.scatter_(2, victim, torch.where(evicted, 0, t.gather(2, victim)))
+        t[at] = torch.where(evicted, 0, t[at])
     # (a full row is always over its cap, since capacity > cap; the clamp only keeps a write in bounds)
-    return torch.where(evicted, torch.minimum(victim, free), free).squeeze(-1).clamp(max=valid.shape[-1] - 1)
+    return torch.where(evicted, torch.minimum(victim, free), free).clamp(max=c - 1)
 
 
 def decode_evict(method: KVMethod, ctx: ScoreContext, cap: torch.Tensor) -> torch.Tensor:
@@ -460,7 +465,7 @@ class KVSession:
         else:
             for layer in self.cache.layers:
                 if layer.is_initialized:
-                    layer.start_decoding(steps)
+                    layer.start_decoding(steps, advance=True)
         self._mode = "decode"
         try:
             yield self
@@ -500,8 +505,7 @@ class KVSession:
         elif self._mode == "decode":
             if self.method.evicts_at_decode:
                 self._after_decode_step(module, layer, query, weights, scale)
-            else:  # without eviction decode tokens fill [fill, capacity) in order: the next slot is free
-                layer.slot.add_(1)
+            # (without eviction decode tokens fill [fill, capacity) in order: the write advanced the slot)
 
     def _after_prefill(self, module, layer, query, weights, scale) -> None:
         q = query.shape[2]
