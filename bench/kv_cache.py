@@ -126,8 +126,8 @@ class EvictionLayer(CacheLayerMixin):
             self.fill += q
             for t in self.state.values():  # a written slot starts with a clean method state
                 t.scatter_(2, self._state_index(self.last_written, t), 0)
-        # (a decode write needs no reset: it goes to a never-written slot, zero, or to one that the decode
-        # eviction freed and zeroed, families.kv.evict_lowest)
+        # (a decode write's slot is reset by the eviction step that scores it, families.kv.decode_evict: one
+        # compiled graph; a cache that does not evict while decoding has no state to keep)
         return self.keys[:, :, : self.attend_len], self.values[:, :, : self.attend_len]
 
     @property

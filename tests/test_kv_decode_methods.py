@@ -418,8 +418,8 @@ def test_generation_evicts_by_the_rule(loaded, name: str, query_aware: bool, pha
 @pytest.mark.parametrize("seed", range(6))
 def test_evict_lowest_frees_the_lowest_live_slot_and_returns_the_first_free(seed: int) -> None:
     """``evict_lowest`` against its rule spelled out slot by slot: a row/head over its cap loses its
-    lowest-scoring live slot (validity cleared, position emptied, every state zeroed there), the others keep
-    everything, and the next write slot is the first free one after the eviction."""
+    lowest-scoring live slot (validity cleared, position emptied), the others keep everything, and the next
+    write slot is the first free one after the eviction."""
     from tokenbench.families.kv import evict_lowest, first_free
     from tokenbench.kv_cache import _FAR
 
@@ -430,22 +430,34 @@ def test_evict_lowest_frees_the_lowest_live_slot_and_returns_the_first_free(seed
     pos = torch.where(valid, torch.randperm(b * h * c, generator=g).view(b, h, c), _FAR)
     scores = torch.randn(b, h, c, generator=g)
     cap = torch.randint(6, 12, (b, 1), generator=g)
-    states = (torch.rand(b, h, c, generator=g), torch.randint(1, 9, (b, h, c), generator=g))
-    want_valid, want_pos, want_states = valid.clone(), pos.clone(), [t.clone() for t in states]
+    want_valid, want_pos = valid.clone(), pos.clone()
     for i in range(b):
         for j in range(h):
             if int(valid[i, j].sum()) > int(cap[i]):
                 v = int(scores[i, j].masked_fill(~valid[i, j], float("inf")).argmin())
                 want_valid[i, j, v], want_pos[i, j, v] = False, _FAR
-                for t in want_states:
-                    t[i, j, v] = 0
-    v2, p2, s2 = valid.clone(), pos.clone(), tuple(t.clone() for t in states)
-    nxt = evict_lowest(scores, v2, p2, cap, s2)
+    v2, p2 = valid.clone(), pos.clone()
+    nxt = evict_lowest(scores, v2, p2, cap)
     assert torch.equal(v2, want_valid) and torch.equal(p2, want_pos)
-    for got, want in zip(s2, want_states):
-        assert torch.equal(got, want)
     assert torch.equal(nxt, first_free(want_valid))
     assert int(nxt[0, 0]) == int(scores[0, 0].argmin())  # the full row writes where it evicted
+
+
+def test_decode_evict_scores_the_written_slot_from_a_clean_state() -> None:
+    """The slot a decode step wrote (reused after an eviction) starts at zero in the method's state before
+    the method scores: h2o's sum there is this step's attention alone, every other slot keeps its history."""
+    from tokenbench.families.kv import decode_evict
+
+    c = 6
+    w = torch.tensor([0.1, 0.2, 0.3, 0.1, 0.2, 0.1])
+    ctx = decode_ctx(w, budget=6)
+    total = ctx.state("h2o_attention")
+    total += 5.0  # history, including stale sums at slot 2
+    ctx.layer.slot = torch.tensor([[2]])  # this step's token went to slot 2
+    decode_evict(H2O(keep_ratio=0.5, recent_ratio=0.0), ctx, torch.tensor([[c]]))
+    want = torch.full((c,), 5.0) + w
+    want[2] = w[2]
+    torch.testing.assert_close(ctx.state("h2o_attention")[0, 0], want)
 
 
 def test_newest_at_a_decode_step_is_the_steps_own_token() -> None:

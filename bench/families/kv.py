@@ -59,15 +59,13 @@ def first_free(valid: torch.Tensor) -> torch.Tensor:
     return (~valid).to(torch.uint8).argmax(dim=-1)
 
 
-def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, cap: torch.Tensor,
-                 states: tuple[torch.Tensor, ...] = ()) -> torch.Tensor:
+def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, cap: torch.Tensor) -> torch.Tensor:
     """One steady-state decode eviction, in place: every row/head holding more than ``cap`` (``(B, 1)``) live
-    tokens frees its lowest-scoring live slot (``valid`` cleared, ``pos`` set to the empty marker, the
-    method's per-slot ``states`` zeroed, so the token written there next starts clean). Returns the next write
-    slot per row/head, ``(B, H)``: the first free one. A pure tensor function so that
-    ``measure.fuse_kernels`` can compile it into a few kernels (eager: ~15 small ones per layer and step);
-    the three reductions over the slots (live count, lowest score, first free slot) read the same rows, so
-    they can share one."""
+    tokens frees its lowest-scoring live slot (``valid`` cleared, ``pos`` set to the empty marker). Returns the
+    next write slot per row/head, ``(B, H)``: the first free one. A pure tensor function so that
+    ``measure.fuse_kernels`` can compile it into a few kernels (eager: ~15 small ones per layer and step); the
+    three reductions over the slots (live count, lowest score, first free slot) read the same rows, so they can
+    share one."""
     b, h, c = valid.shape
     over = valid.sum(dim=-1) > cap  # (B, H)
     victim = scores.float().masked_fill(~valid, float("inf")).argmin(dim=-1)
@@ -75,22 +73,28 @@ def evict_lowest(scores: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor, c
     free = torch.where(valid, c, slots).amin(dim=-1)  # before this eviction; C: the row is full
     # one element per row/head, written by advanced indexing (index_put): inductor lowers a tensor-valued
     # scatter_ into bool/int64 buffers on a GPU as an eager fallback kernel each
-    at = (torch.arange(b, device=valid.device).view(b, 1), torch.arange(h, device=valid.device).view(1, h), victim)
+    at = _rows_heads(b, h, valid.device) + (victim,)
     was = valid[at]
     evicted = was & over
     valid[at] = was & ~evicted
     pos[at] = torch.where(evicted, _FAR, pos[at])
-    for t in states:
-        t[at] = torch.where(evicted, 0, t[at])
     # (a full row is always over its cap, since capacity > cap; the clamp only keeps a write in bounds)
     return torch.where(evicted, torch.minimum(victim, free), free).clamp(max=c - 1)
 
 
+def _rows_heads(b: int, h: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    return torch.arange(b, device=device).view(b, 1), torch.arange(h, device=device).view(1, h)
+
+
 def decode_evict(method: KVMethod, ctx: ScoreContext, cap: torch.Tensor) -> torch.Tensor:
-    """A steady-state decode step of a decode-time method: its ``score`` and ``evict_lowest``, in place on the
-    layer. One function so that ``measure.fuse_kernels`` compiles the method's scoring together with the
-    eviction (eager, tova/h2o/scissorhands run 15-40 small kernels per layer and step)."""
-    return evict_lowest(method.score(ctx), ctx.valid, ctx.positions, cap, ctx.states())
+    """A steady-state decode step of a decode-time method: the slot this step wrote starts with a clean method
+    state, then the method's ``score`` and ``evict_lowest``, in place on the layer. One function so that
+    ``measure.fuse_kernels`` compiles the method's scoring together with the eviction (eager,
+    tova/h2o/scissorhands run 15-40 small kernels per layer and step)."""
+    written = _rows_heads(*ctx.valid.shape[:2], ctx.valid.device) + (ctx.layer.slot,)
+    for t in ctx.states():
+        t[written] = 0
+    return evict_lowest(method.score(ctx), ctx.valid, ctx.positions, cap)
 
 
 EVICT_IMPL = [decode_evict]  # tokenbench.fused_decode swaps in a compiled version
@@ -238,7 +242,7 @@ class ScoreContext:
         return t[:, :, : self.keys.shape[2]]
 
     def states(self) -> tuple[torch.Tensor, ...]:
-        """Every per-slot state of this layer, over the slots scored (``evict_lowest`` zeroes freed slots)."""
+        """Every per-slot state of this layer, over the slots scored (``decode_evict`` zeroes a written slot's)."""
         return tuple(t[:, :, : self.keys.shape[2]] for t in self.layer.state.values())
 
     def rope(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -577,7 +581,7 @@ class KVSession:
                 self._select(layer, scores, layer.valid.clone(), [int(c) for c in cap.view(-1).tolist()], reserve=1)
                 layer.slot = first_free(layer.valid)
             else:
-                layer.slot.copy_(evict_lowest(scores, layer.valid, layer.pos, cap, ctx.states()))
+                layer.slot.copy_(evict_lowest(scores, layer.valid, layer.pos, cap))
             return
         # steady state, static shapes: free the lowest-scoring live slot of every row/head over capacity
         layer.slot.copy_(EVICT_IMPL[0](self.method, ctx, cap))
