@@ -195,14 +195,24 @@ def _fused_qkv(attn: torch.nn.Module) -> bool:
     return True
 
 
+_GREEDY_CHUNKS = 64  # slices of the vocabulary reduced side by side in the greedy pick's first stage
+
+
 def _argmax(logits: torch.Tensor) -> torch.Tensor:
-    return logits.argmax(dim=-1)
+    """``logits.argmax(-1)`` of ``(B, V)`` in two stages: the maximum of each of ``_GREEDY_CHUNKS`` slices,
+    then the best slice. Ties resolve as ``argmax`` does, to the first index (first within a slice, first
+    slice among equal maxima)."""
+    b, v = logits.shape
+    sliced = F.pad(logits, (0, -v % _GREEDY_CHUNKS), value=float("-inf")).view(b, _GREEDY_CHUNKS, -1)
+    best, where = sliced.max(dim=-1)
+    chunk = best.argmax(dim=-1, keepdim=True)
+    return (where.gather(1, chunk) + chunk * sliced.shape[-1]).squeeze(1)
 
 
 def greedy() -> Callable[[torch.Tensor], torch.Tensor]:
-    """The decode loop's greedy pick, compiled: eager ``argmax`` over a 128k vocabulary at batch 8 runs one
-    block per row (36 µs on an H200, more than a layer's attention at keep 10%); inductor splits the
-    reduction across the GPU. Same result (first index of the maximum)."""
+    """The decode loop's greedy pick, compiled in two stages: a one-stage ``argmax`` over a 128k vocabulary
+    at batch 8 runs one block per row, 26.8 µs eager and 22.0 µs compiled on an H200, against 5.6 µs for
+    this (``results/perf/kv/bench_greedy.py``). Same result."""
     return _compile("greedy", _argmax, dynamic=False)
 
 

@@ -622,5 +622,9 @@ def test_compiled_greedy_pick_is_argmax_with_its_ties() -> None:
     logits = torch.randn(4, 1000, generator=g)
     logits[1, [7, 500, 999]] = 10.0  # a three-way tie
     logits[2] = 0.0  # all tied
+    logits[3, [70, 900]] = 10.0  # tied across the two-stage pick's slices
     got = fused_decode.greedy()(logits)
-    assert torch.equal(got, logits.argmax(dim=-1)) and got.tolist()[1:3] == [7, 0]
+    assert torch.equal(got, logits.argmax(dim=-1)) and got.tolist()[1:] == [7, 0, 70]
+    odd = torch.randn(3, 1001, generator=g)  # a vocabulary that is not a multiple of the slices
+    odd[0, 1000] = 50.0
+    assert torch.equal(fused_decode.greedy()(odd), odd.argmax(dim=-1))
