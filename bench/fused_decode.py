@@ -25,9 +25,9 @@ import torch.nn.functional as F
 _compiled: dict[str, Callable] = {}
 
 
-def _compile(name: str, fn: Callable, dynamic: bool | None = True) -> Callable:
+def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: Any) -> Callable:
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True)
+        _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options or None)
     return _compiled[name]
 
 
@@ -244,8 +244,7 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
                     module.apply_rotary_pos_emb = fused
                 counts["rope"] += 1
     if counts["rms_norm"]:
-        add_rms = _compiled.setdefault("add_rms", torch.compile(_add_rms_norm, dynamic=True, fullgraph=True,
-                                                                options={"emulate_precision_casts": True}))
+        add_rms = _compile("add_rms", _add_rms_norm, emulate_precision_casts=True)
         counts["add_norm_layers"] = _fuse_layers(model, pending, add_rms)
         model._tokenbench_pending = pending
     from tokenbench import kv_attention
