@@ -285,68 +285,75 @@ def harness_overhead(args, device: torch.device, table: list[dict]) -> list[dict
     from tokenbench.config import store_base_config
     from tokenbench.run import execute, plan
 
+    from tokenbench import registry
+
+    registry.load_all()  # the method/model/task config groups (idempotent)
     store_base_config()
     import tokenbench.vision as vision
 
     out = []
     n = args.batch * (2 if args.quick else args.overhead_batches)
-    with tempfile.TemporaryDirectory() as tmp:
-        root = Path(tmp) / "images"
-        write_images(root, n, classes=10)
-        points = [(d, p) for d in args.pipeline_depths for p in args.overhead]
-        for depth, (name, method, r, execution) in points:
-            vision.PIPELINE_DEPTH = depth
-            overrides = [
-                f"model={name}",
-                f"model.device={device}",
-                f"model.execution={execution}",
-                f"method={method}",
-                "task=imagenet",
-                f"task.root={root}",
-                "task.preload=true",
-                f"task.batch_size={args.batch}",
-                f"task.limit={n}",
-                f"measure.warmup={args.warmup}",
-                "wandb.mode=disabled",
-                f"output_dir={Path(tmp) / f'runs{depth}'}",
-                "progress=false",
-            ]
-            if name == "tiny-vit":
-                overrides += ["model.img_size=64", "model.patch_size=8"]
-            if r:
-                overrides.append(f"method.r={r}")
-            with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
-                cfg = compose(config_name="config", overrides=overrides)
-            rec = execute(plan(cfg), progress=False)
-            bare = next(
-                (
-                    t
-                    for t in table
-                    if t["model"] == name
-                    and t["method"] == method
-                    and t["r"] == r
-                    and t["execution"] == execution
-                    and t["attention"] == "fused"
-                    and not t["error"]
-                ),
-                None,
-            )
-            row = {
-                "model": name,
-                "method": method,
-                "r": r,
-                "execution": execution,
-                "pipeline_depth": depth,
-                "n_images": rec.n_samples,
-                "loop_images_per_s": rec.extra.get("stream_images_per_s"),
-                "timed_forward_images_per_s": rec.latency.get("images_per_s"),
-                "bare_images_per_s": bare["images_per_s"] if bare else None,
-                "status": rec.status,
-            }
-            if row["bare_images_per_s"] and row["loop_images_per_s"]:
-                row["loop_vs_bare"] = row["loop_images_per_s"] / row["bare_images_per_s"]
-            out.append(row)
-            print(json.dumps(row), flush=True)
+    saved_depth = vision.PIPELINE_DEPTH  # a process-wide setting: set per point, restored after
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            root = Path(tmp) / "images"
+            write_images(root, n, classes=10)
+            points = [(d, p) for d in args.pipeline_depths for p in args.overhead]
+            for depth, (name, method, r, execution) in points:
+                vision.PIPELINE_DEPTH = depth
+                overrides = [
+                    f"model={name}",
+                    f"model.device={device}",
+                    f"model.execution={execution}",
+                    f"method={method}",
+                    "task=imagenet",
+                    f"task.root={root}",
+                    "task.preload=true",
+                    f"task.batch_size={args.batch}",
+                    f"task.limit={n}",
+                    f"measure.warmup={args.warmup}",
+                    "wandb.mode=disabled",
+                    f"output_dir={Path(tmp) / f'runs{depth}'}",
+                    "progress=false",
+                ]
+                if name == "tiny-vit":
+                    overrides += ["model.img_size=64", "model.patch_size=8"]
+                if r:
+                    overrides.append(f"method.r={r}")
+                with initialize_config_dir(config_dir=CONF_DIR, version_base="1.3"):
+                    cfg = compose(config_name="config", overrides=overrides)
+                rec = execute(plan(cfg), progress=False)
+                bare = next(
+                    (
+                        t
+                        for t in table
+                        if t["model"] == name
+                        and t["method"] == method
+                        and t["r"] == r
+                        and t["execution"] == execution
+                        and t["attention"] == "fused"
+                        and not t["error"]
+                    ),
+                    None,
+                )
+                row = {
+                    "model": name,
+                    "method": method,
+                    "r": r,
+                    "execution": execution,
+                    "pipeline_depth": depth,
+                    "n_images": rec.n_samples,
+                    "loop_images_per_s": rec.extra.get("stream_images_per_s"),
+                    "timed_forward_images_per_s": rec.latency.get("images_per_s"),
+                    "bare_images_per_s": bare["images_per_s"] if bare else None,
+                    "status": rec.status,
+                }
+                if row["bare_images_per_s"] and row["loop_images_per_s"]:
+                    row["loop_vs_bare"] = row["loop_images_per_s"] / row["bare_images_per_s"]
+                out.append(row)
+                print(json.dumps(row), flush=True)
+    finally:
+        vision.PIPELINE_DEPTH = saved_depth
     return out
 
 
