@@ -41,10 +41,9 @@ def aligned(n: int) -> int:
 
 def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                  slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
-                 qpos: torch.Tensor, advance: bool = False) -> torch.Tensor:
+                 qpos: torch.Tensor, advance: bool = False) -> None:
     """A decode step's write, in place: the new key/value of every row and head into its ``slot`` ``(B, H)``,
-    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). Returns the written slots ``(B, H, 1)``
-    (a copy). ``advance``: then point ``slot`` at the next slot (a cache that does not evict while decoding
+    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). ``advance``: then point ``slot`` at the next slot (a cache that does not evict while decoding
     fills its slots in order). A pure function so that ``measure.fuse_kernels`` can swap in one kernel for the
     four scatters and the increment (``kv_decode_triton.write_decode``)."""
     b, h = slot.shape
@@ -54,9 +53,7 @@ def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, 
     valid.scatter_(2, idx, qvalid.view(b, 1, 1).expand(b, h, 1))
     pos.scatter_(2, idx, qpos.view(b, 1, 1).expand(b, h, 1))
     if advance:
-        idx = idx.clone()
         slot.add_(1)
-    return idx
 
 
 WRITE_IMPL = [write_decode]  # tokenbench.fused_decode swaps in the Triton kernel
@@ -78,8 +75,10 @@ class EvictionLayer(CacheLayerMixin):
         self.fill = 0  # slots [0, fill) have been written (prefill / multi-token forwards)
         self.slot: Optional[torch.Tensor] = None  # (batch, kv_heads) next decode write slot, decode mode only
         self.advance = False  # decode writes move ``slot`` on by one (no eviction picks the next slot)
-        self.state: dict[str, torch.Tensor] = {}  # method state; (B, H, capacity, ...) tensors follow the slots
-        self.last_written: Optional[torch.Tensor] = None  # (B, H, q) slot indices of the last forward's tokens
+        # method state; (B, H, capacity, ...) tensors follow the slots. Slots at or after ``fill`` always hold
+        # zeros (created, grown and compacted with zeros), so a multi-token write needs no reset; a decode
+        # write into a slot an eviction freed is reset by the step that scores it (families.kv.decode_evict)
+        self.state: dict[str, torch.Tensor] = {}
         self.uniform_heads = True  # every KV head holds the same slots (until a per-head eviction)
 
     @property
@@ -108,10 +107,9 @@ class EvictionLayer(CacheLayerMixin):
             self.lazy_initialization(key_states, value_states)
         q = key_states.shape[2]
         qpos, qvalid = self.cache.query_positions, self.cache.query_valid  # (B, q) each, set by the runner
-        b, h = key_states.shape[:2]
         if self.slot is not None and q == 1:  # decode: one slot per row and head
-            self.last_written = WRITE_IMPL[0](self.keys, self.values, self.valid, self.pos, self.slot, key_states,
-                                              value_states, qvalid, qpos, self.advance)
+            WRITE_IMPL[0](self.keys, self.values, self.valid, self.pos, self.slot, key_states, value_states,
+                          qvalid, qpos, self.advance)
         else:
             if self.slot is not None:
                 raise RuntimeError("multi-token forward after decoding started")
@@ -122,12 +120,7 @@ class EvictionLayer(CacheLayerMixin):
             self.values[:, :, s] = value_states
             self.valid[:, :, s] = qvalid.unsqueeze(1)
             self.pos[:, :, s] = torch.where(qvalid, qpos, _FAR).unsqueeze(1)
-            self.last_written = torch.arange(self.fill, self.fill + q, device=self.device).expand(b, h, q)
             self.fill += q
-            for t in self.state.values():  # a written slot starts with a clean method state
-                t.scatter_(2, self._state_index(self.last_written, t), 0)
-        # (a decode write's slot is reset by the eviction step that scores it, families.kv.decode_evict: one
-        # compiled graph; a cache that does not evict while decoding has no state to keep)
         return self.keys[:, :, : self.attend_len], self.values[:, :, : self.attend_len]
 
     @property
@@ -145,7 +138,7 @@ class EvictionLayer(CacheLayerMixin):
         return -1
 
     def reset(self) -> None:
-        self.keys = self.values = self.valid = self.pos = self.slot = self.last_written = None
+        self.keys = self.values = self.valid = self.pos = self.slot = None
         self.fill, self.state, self.is_initialized, self.uniform_heads, self.advance = 0, {}, False, True, False
 
     # --- views for attention and scoring -------------------------------------------------------------------

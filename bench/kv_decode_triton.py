@@ -130,27 +130,26 @@ def _kernels() -> tuple[Any, Any, Any]:
 
 def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, pos: torch.Tensor,
                  slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
-                 qpos: torch.Tensor, advance: bool = False) -> torch.Tensor:
+                 qpos: torch.Tensor, advance: bool = False) -> None:
     """``kv_cache.write_decode`` in one kernel instead of four scatters (~3 µs each per layer on an H200) and,
-    with ``advance``, the slot increment; the same arguments and result. Off a GPU, without Triton's interpreter, the eager version runs."""
+    with ``advance``, the slot increment; the same arguments and effect. Off a GPU, without Triton's interpreter,
+    the eager version runs."""
     from tokenbench import kv_cache
 
     d = keys.shape[-1]
     interpreted = os.environ.get("TRITON_INTERPRET") == "1"
     if (not keys.is_cuda and not interpreted) or d & (d - 1) or values.shape[-1] != d \
             or key_states.stride(-1) != 1 or value_states.stride(-1) != 1 or not slot.is_contiguous():
-        return kv_cache.write_decode(keys, values, valid, pos, slot, key_states, value_states, qvalid, qpos,
-                                     advance)
+        kv_cache.write_decode(keys, values, valid, pos, slot, key_states, value_states, qvalid, qpos, advance)
+        return
     b, h = slot.shape
     qv = qvalid.to(torch.bool).view(torch.uint8)
-    written = slot.unsqueeze(-1).clone() if advance else slot.unsqueeze(-1)
     _kernels()[2][(b, h)](
         keys, values, valid.view(torch.uint8), pos, slot, key_states, value_states, qv, qpos,
         keys.stride(0), keys.stride(1), keys.stride(2), values.stride(0), values.stride(1), values.stride(2),
         valid.stride(0), valid.stride(1), pos.stride(0), pos.stride(1), key_states.stride(0),
         key_states.stride(1), value_states.stride(0), value_states.stride(1), qv.stride(0), qpos.stride(0),
         h, D=d, ADVANCE=advance)
-    return written
 
 
 @lru_cache(maxsize=None)
