@@ -23,6 +23,17 @@ import torch
 import torch.nn.functional as F
 
 _compiled: dict[str, Callable] = {}
+# the decode step's weight products: "cublas" (F.linear) or "triton" (gemv_triton: one streaming pass per
+# weight, the gated MLP's activation in the gate/up product's epilogue); prefill always uses F.linear
+GEMV = ["cublas"]
+
+
+def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+    from tokenbench import gemv_triton
+
+    if GEMV[0] == "triton" and gemv_triton.supported(x, weight):
+        return gemv_triton.linear(x, weight, bias)
+    return F.linear(x, weight, bias)
 
 
 def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: Any) -> Callable:
@@ -148,6 +159,10 @@ def _fused_mlp(m: torch.nn.Module, silu_mul: Callable) -> Callable:
     m.gate_proj.weight.data, m.up_proj.weight.data = w[:n], w[n:]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
+        from tokenbench import gemv_triton
+
+        if GEMV[0] == "triton" and gemv_triton.supported(x, w):
+            return m.down_proj(gemv_triton.silu_mul_linear(x, w))
         gate, up = F.linear(x, w).split(n, dim=-1)
         return m.down_proj(silu_mul(gate, up))
 
@@ -175,7 +190,7 @@ def _fused_qkv(attn: torch.nn.Module) -> bool:
     stash: dict[str, Any] = {}
 
     def q_forward(x: torch.Tensor) -> torch.Tensor:
-        qo, ko, vo = F.linear(x, w, bias).split(sizes, dim=-1)
+        qo, ko, vo = _linear(x, w, bias).split(sizes, dim=-1)
         stash.update(x=x, k=ko, v=vo)
         return qo
 
@@ -186,13 +201,20 @@ def _fused_qkv(attn: torch.nn.Module) -> bool:
                 if "k" not in stash and "v" not in stash:
                     stash.clear()  # hold no activations between forwards
                 return out
-            return F.linear(x, proj.weight, proj.bias)
+            return _linear(x, proj.weight, proj.bias)
 
         return forward
 
     projs[0].forward = q_forward
     projs[1].forward, projs[2].forward = part("k", projs[1]), part("v", projs[2])
     return True
+
+
+def _linear_forward(m: torch.nn.Linear) -> Callable:
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        return _linear(x, m.weight, m.bias)
+
+    return forward
 
 
 _GREEDY_CHUNKS = 64  # slices of the vocabulary reduced side by side in the greedy pick's first stage
@@ -220,7 +242,7 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
     """Patch ``model`` in place; returns how many modules of each kind were fused. Idempotent."""
     if getattr(model, "_tokenbench_fused", None) is not None:
         return model._tokenbench_fused
-    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "qkv": 0, "add_norm_layers": 0}
+    counts = {"rms_norm": 0, "mlp": 0, "rope": 0, "qkv": 0, "add_norm_layers": 0, "linear": 0}
     rms = _compile("rms", _rms_norm)
     silu_mul = _compile("silu_mul", _silu_mul)
     pending = _Pending()
@@ -243,6 +265,10 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
                     fused._tokenbench = True
                     module.apply_rotary_pos_emb = fused
                 counts["rope"] += 1
+    for m in model.modules():  # the other projections (o_proj, down_proj, lm_head): through ``_linear``
+        if isinstance(m, torch.nn.Linear) and "forward" not in vars(m):
+            m.forward = _linear_forward(m)
+            counts["linear"] += 1
     if counts["rms_norm"]:
         add_rms = _compile("add_rms", _add_rms_norm, emulate_precision_casts=True)
         counts["add_norm_layers"] = _fuse_layers(model, pending, add_rms)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any
 
 import torch
-from tokenbench import kv_attention
+from tokenbench import fused_decode, kv_attention
 from tokenbench.config import MeasureSettings
 from tokenbench.env import environment
 from tokenbench.kv_cache import EvictionCache
@@ -184,14 +184,15 @@ def markdown(rows: list[dict[str, Any]]) -> str:
     lines = ["| ctx | batch | method | keep | decode attn | prefill ms | TTFT ms | TPOT ms | decode tok/s | × none | "
              "BW % peak | KV alloc GB | peak alloc GB |",
              "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
-    base = {(r["context"], r["batch"], r.get("decode_backend")): r for r in rows if r["method"] == "none"}
+    base = {(r["context"], r["batch"], r.get("decode_backend"), r.get("gemv")): r for r in rows
+            if r["method"] == "none"}
     for r in rows:
-        b = base.get((r["context"], r["batch"], r.get("decode_backend"))) or base.get(
-            (r["context"], r["batch"], "matmul"))
+        b = base.get((r["context"], r["batch"], r.get("decode_backend"), r.get("gemv"))) or base.get(
+            (r["context"], r["batch"], "matmul", r.get("gemv")))
         speed = r["decode_tokens_per_s"] / b["decode_tokens_per_s"] if b else float("nan")
         gb = lambda x: f"{x / 1e9:.2f}" if isinstance(x, (int, float)) else "-"  # noqa: E731
         lines.append(f"| {r['context']} | {r['batch']} | {r['method']} | {r['keep_ratio'] or 1.0} | "
-                     f"{r.get('decode_backend')} | "
+                     f"{r.get('decode_backend')}{'' if r.get('gemv', 'cublas') == 'cublas' else ' + gemv'} | "
                      f"{r['prefill_ms']:.0f} | {r['ttft_ms']:.0f} | {r['tpot_ms']:.2f} | "
                      f"{r['decode_tokens_per_s']:.0f} | {speed:.2f} | {100 * r['decode_bw_frac']:.0f} | "
                      f"{gb(r['kv_cache_bytes'])} | {gb(r.get('peak_allocated'))} |")
@@ -212,6 +213,8 @@ def main() -> None:
     ap.add_argument("--decode-backends", nargs="+", default=["auto"], choices=kv_attention.DECODE_BACKENDS,
                     help="decode attention, each measured (sdpa: methods that need no attention weights only)")
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels: compiled RMSNorm/RoPE/MLP glue")
+    ap.add_argument("--gemv", nargs="+", default=["cublas"], choices=["cublas", "triton"],
+                    help="with --fuse: the decode step's weight products, each measured (fused_decode.GEMV)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     global FUSE
@@ -226,8 +229,9 @@ def main() -> None:
                               copy_bandwidth(device), "weights_bytes": loaded.weights_bytes,
                               "env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
                               "rows": [], "errors": []}
-    for backend in args.decode_backends:  # warm-up: every method's kernels once (cuBLAS, triton, ...), untimed
-        kv_attention.DECODE_BACKEND = backend
+    for backend, gemv in [(bk, gm) for bk in args.decode_backends for gm in args.gemv]:  # warm-up, untimed:
+        kv_attention.DECODE_BACKEND = backend  # every method's kernels once (cuBLAS, triton, ...)
+        fused_decode.GEMV[0] = gemv
         for name in names:
             if runs(name, device):
                 one(loaded, name, 0.5, 512, 2, 16, args.question, peak_bw)
@@ -242,18 +246,20 @@ def main() -> None:
                     key=lambda kcb: (kcb[0], -kcb[1] * kcb[2]))
     for block_keep, ctx, batch in blocks:
         first_block = block_keep == min(args.keeps)
-        for name, keep, backend in [(n, k, bk) for n in names
-                                    for k in (([1.0] if first_block else []) if n == "none" else [block_keep])
-                                    for bk in args.decode_backends]:
+        for name, keep, backend, gemv in [(n, k, bk, gm) for n in names
+                                          for k in (([1.0] if first_block else []) if n == "none" else [block_keep])
+                                          for bk in args.decode_backends for gm in args.gemv]:
             kv_attention.DECODE_BACKEND = backend
+            fused_decode.GEMV[0] = gemv
             if not runs(name, device):
                 continue
             t = time.perf_counter()
             try:
                 row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
                 row["decode_backend"] = kv_attention.decode_backend(device)
+                row["gemv"] = gemv if FUSE else "cublas"
                 result["rows"].append(row)
-                print(f"ctx={ctx} b={batch} {name} keep={keep} {backend}: prefill {row['prefill_ms']:.0f} ms, "
+                print(f"ctx={ctx} b={batch} {name} keep={keep} {backend} {gemv}: prefill {row['prefill_ms']:.0f} ms, "
                       f"TPOT {row['tpot_ms']:.2f} ms, BW {100 * row['decode_bw_frac']:.0f}% "
                       f"({time.perf_counter() - t:.1f} s)", flush=True)
             except Exception as exc:  # record and go on: one method's failure must not cost the rest
