@@ -41,15 +41,23 @@ MAX_ROWS = 16  # rows of x one program multiplies (the tensor-core tile's smalle
 class Config:
     """A launch configuration of the GEMV kernel."""
 
-    block_n: int = 32  # output features per program
-    block_k: int = 256  # reduction elements per loop iteration
+    block_n: int  # output features per program
+    block_k: int  # reduction elements per loop iteration
     num_warps: int = 4
-    num_stages: int = 4  # software-pipelined loads in flight
+    num_stages: int = 3  # software-pipelined loads in flight
 
 
-DEFAULT = Config()
-# (N, K) -> config, measured best on an H200 (results/perf/kv/bench_gemv.py --triton); DEFAULT elsewhere
-TUNED: dict[tuple[int, int], Config] = {}
+# weight (rows, columns) -> config, the fastest at 8 rows on an H200 (results/perf/kv/gemv_triton_h200.json,
+# bench_gemv.py --triton): Llama-3.1-8B's q/k/v, o_proj, gate/up (gated), down, lm_head
+TUNED: dict[tuple[int, int], Config] = {
+    (6144, 4096): Config(64, 128, 4, 5), (4096, 4096): Config(32, 256, 4, 5), (28672, 4096): Config(64, 128, 4, 3),
+    (4096, 14336): Config(32, 256, 4, 5), (128256, 4096): Config(64, 256, 4, 3)}
+
+
+def config_for(n: int, k: int) -> Config:
+    """The tuned configuration of a weight shape, else by analogy: wide weights (many programs) take the
+    gate/up's, narrow ones the o_proj/down's."""
+    return TUNED.get((n, k)) or (Config(64, 128, 4, 3) if n >= 16384 else Config(32, 256, 4, 5))
 
 
 def _gemv(X, W, Y, M, N, K, sx, sw, sy, HALF,
@@ -109,7 +117,7 @@ def _launch(x: torch.Tensor, weight: torch.Tensor, n_out: int, gated: bool, conf
         x2 = x2.contiguous()
     rows = x2.shape[0]
     y = torch.empty(rows, n_out, dtype=x.dtype, device=x.device)
-    cfg = config or TUNED.get((weight.shape[0], k), DEFAULT)
+    cfg = config or config_for(weight.shape[0], k)
     even = n_out % cfg.block_n == 0 and k % cfg.block_k == 0
     _kernel()[(triton.cdiv(n_out, cfg.block_n),)](
         x2, weight, y, rows, n_out, k, x2.stride(0), weight.stride(0), y.stride(0), n_out if gated else 0,
