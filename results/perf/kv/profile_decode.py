@@ -16,7 +16,7 @@ from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
 from run_kv_benchmark import load, make_method  # noqa: E402
-from tokenbench import kv_attention  # noqa: E402
+from tokenbench import fused_decode, kv_attention  # noqa: E402
 from tokenbench.config import MeasureSettings  # noqa: E402
 from tokenbench.lm import LMRunner  # noqa: E402
 from tokenbench.registry import load_all  # noqa: E402
@@ -32,8 +32,10 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels, as the benchmark's --fuse")
     ap.add_argument("--decode-backend", default="auto", choices=kv_attention.DECODE_BACKENDS)
+    ap.add_argument("--gemv", default="cublas", choices=["cublas", "triton"], help="with --fuse: fused_decode.GEMV")
     args = ap.parse_args()
     load_all()
+    fused_decode.GEMV[0] = args.gemv
     kv_attention.DECODE_BACKEND = args.decode_backend
     device = "cpu" if args.tiny else "cuda"
     loaded = load(args.tiny, device)
@@ -57,7 +59,7 @@ def main() -> None:
                             cache.set_inputs(pos, torch.ones_like(pos, dtype=torch.bool))
                             tok = runner._forward(tok, pos, cache)[:, -1].argmax(-1, keepdim=True)
     sort = "cuda_time_total" if device == "cuda" else "cpu_time_total"
-    print(prof.key_averages().table(sort_by=sort, row_limit=30, max_name_column_width=60))
+    print(prof.key_averages().table(sort_by=sort, row_limit=45, max_name_column_width=60))
 
 
 if __name__ == "__main__":
