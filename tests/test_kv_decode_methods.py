@@ -415,21 +415,26 @@ def test_generation_evicts_by_the_rule(loaded, name: str, query_aware: bool, pha
 # --- the decode eviction step ----------------------------------------------------------------------------
 
 
+@pytest.mark.parametrize("c", [12, 1024, 1031])
 @pytest.mark.parametrize("seed", range(6))
-def test_evict_lowest_frees_the_lowest_live_slot_and_returns_the_first_free(seed: int) -> None:
+def test_evict_lowest_frees_the_lowest_live_slot_and_returns_the_first_free(seed: int, c: int) -> None:
     """``evict_lowest`` against its rule spelled out slot by slot: a row/head over its cap loses its
     lowest-scoring live slot (validity cleared, position emptied), the others keep everything, and the next
-    write slot is the first free one after the eviction."""
+    write slot is the first free one after the eviction. 1024 slots run the reductions in 4 chunks per row,
+    1031 in 1 (does not divide); odd seeds tie scores (the first lowest slot goes, across chunks too)."""
+    from tokenbench.families import kv as kv_family
     from tokenbench.families.kv import evict_lowest, first_free
     from tokenbench.kv_cache import _FAR
 
+    assert kv_family._row_chunks(c) == {12: 1, 1024: 4, 1031: 1}[c]
     g = torch.Generator().manual_seed(seed)
-    b, h, c = 3, 2, 12
+    b, h = 3, 2
     valid = torch.rand(b, h, c, generator=g) < 0.8
     valid[0, 0] = True  # a full row: its next slot can only be the freed one
     pos = torch.where(valid, torch.randperm(b * h * c, generator=g).view(b, h, c), _FAR)
-    scores = torch.randn(b, h, c, generator=g)
-    cap = torch.randint(6, 12, (b, 1), generator=g)
+    scores = torch.randn(b, h, c, generator=g) if seed % 2 == 0 else \
+        torch.randint(0, 3, (b, h, c), generator=g).float()
+    cap = torch.randint(c // 2, c, (b, 1), generator=g)
     want_valid, want_pos = valid.clone(), pos.clone()
     for i in range(b):
         for j in range(h):
@@ -441,6 +446,19 @@ def test_evict_lowest_frees_the_lowest_live_slot_and_returns_the_first_free(seed
     assert torch.equal(v2, want_valid) and torch.equal(p2, want_pos)
     assert torch.equal(nxt, first_free(want_valid))
     assert int(nxt[0, 0]) == int(scores[0, 0].argmin())  # the full row writes where it evicted
+
+
+@pytest.mark.parametrize("groups", [1, 4, 16])
+def test_kv_heads_folds_the_same_compiled(groups: int) -> None:
+    """``ScoreContext.kv_heads`` compiled (small GQA groups folded slice by slice, so inductor fuses the fold
+    into its consumer) gives the eager mean and max."""
+    ctx = ScoreContext.synthetic(torch.zeros(2, 2 * groups, 1, 4), torch.zeros(2, 2, 8, 4), phase="decode")
+    x = torch.rand(2, 2 * groups, 1, 40, generator=torch.Generator().manual_seed(groups))
+    for reduce in ("mean", "max"):
+        torch._dynamo.reset()
+        got = torch.compile(lambda t: ctx.kv_heads(t, reduce), fullgraph=True)(x)
+        torch.testing.assert_close(got, ctx.kv_heads(x, reduce))
+        assert got.shape == (2, 2, 1, 40)
 
 
 def test_decode_evict_scores_the_written_slot_from_a_clean_state() -> None:
