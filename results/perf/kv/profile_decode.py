@@ -32,7 +32,7 @@ def main() -> None:
     ap.add_argument("--tiny", action="store_true")
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels, as the benchmark's --fuse")
     ap.add_argument("--decode-backend", default="auto", choices=kv_attention.DECODE_BACKENDS)
-    ap.add_argument("--gemv", default="cublas", choices=["cublas", "triton"], help="with --fuse: fused_decode.GEMV")
+    ap.add_argument("--gemv", default="triton", choices=["cublas", "triton"], help="with --fuse: fused_decode.GEMV")
     args = ap.parse_args()
     load_all()
     fused_decode.GEMV[0] = args.gemv

@@ -213,7 +213,7 @@ def main() -> None:
     ap.add_argument("--decode-backends", nargs="+", default=["auto"], choices=kv_attention.DECODE_BACKENDS,
                     help="decode attention, each measured (sdpa: methods that need no attention weights only)")
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels: compiled RMSNorm/RoPE/MLP glue")
-    ap.add_argument("--gemv", nargs="+", default=["cublas"], choices=["cublas", "triton"],
+    ap.add_argument("--gemv", nargs="+", default=["triton"], choices=["cublas", "triton"],
                     help="with --fuse: the decode step's weight products, each measured (fused_decode.GEMV)")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
