@@ -5,11 +5,12 @@ decode-time methods' scoring and eviction — merge the gate/up and the query/ke
 step's key/value into the eviction cache with one Triton kernel, so a decode step is not dominated by hundreds
 of tiny kernels. Profiling a Llama-3.1-8B decode step on an H200 (batch 8, 32k context,
 ``results/perf/kv/profile_decode.py``) showed ~3.5 ms of its ~10 ms in elementwise kernels of 1-3 µs each,
-next to 4.5 ms of weight GEMVs. At decode (at most 16 rows) the weight products run as Triton GEMVs
+next to 4.5 ms of weight GEMVs. Weight products of at most 16 rows (decode steps) run as Triton GEMVs
 (``gemv_triton``, faster than cuBLAS's tilings at these shapes; ``GEMV`` switches back), the gated MLP's
-activation in the gate/up product's epilogue; prefill's products stay cuBLAS.
+activation in the gate/up product's epilogue; a long prefill's products stay cuBLAS.
 
-Same numerics as the transformers modules they replace (float32 RMSNorm, weight multiplied in the input dtype);
+Same numerics as the transformers modules they replace (float32 RMSNorm, weight multiplied in the input dtype;
+the GEMVs accumulate in float32 and round once, as cuBLAS does, in another summation order);
 applied to every method alike, the baseline included. Patches the model *instances* (and, process-wide, the
 modeling module's ``apply_rotary_pos_emb``, the kv decode attention and the decode-time methods' scoring and
 eviction step, ``families.kv.decode_evict``), so it
@@ -27,7 +28,8 @@ import torch.nn.functional as F
 _compiled: dict[str, Callable] = {}
 # the decode step's weight products: "triton" (gemv_triton: one streaming pass per weight, the gated MLP's
 # activation in the gate/up product's epilogue; H200, Llama-3.1-8B at batch 8: 113.8 vs 123.2 us per layer,
-# results/perf/kv/gemv_triton_h200.json) or "cublas" (F.linear); prefill always uses F.linear
+# results/perf/kv/gemv_triton_h200.json) or "cublas" (F.linear); products of more than
+# gemv_triton.MAX_ROWS rows (a long prefill) always use F.linear
 GEMV = ["triton"]
 
 
