@@ -1,0 +1,42 @@
+"""Middle-depth niah recall of a few kv methods over keep ratios (SmolLM2-135M-Instruct, CPU, query-aware):
+exact accuracy and answer_prefix averaged over depths .25/.5/.75 of a 2048-token Paul Graham haystack, as in
+``table.md`` (24 greedy tokens, the task's own scoring). Prints one line per (keep, method).
+
+    python results/reference/niah-kv-smollm2/keep_sweep.py --methods snapkv streaming_llm pyramidkv \\
+        --keeps 0.25 0.35 0.5
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from tokenbench import registry
+from tokenbench.lm import LMRunner
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--methods", nargs="+", default=["snapkv", "streaming_llm"])
+    ap.add_argument("--keeps", type=float, nargs="+", default=[0.25])
+    ap.add_argument("--haystack-dir", default="../shared/data/paul_graham_essays")
+    args = ap.parse_args()
+    registry.load_all()
+    loaded = registry.build("model", {"name": "smollm2-135m"}).load()
+    task = registry.build("task", {"name": "niah", "haystack_dir": args.haystack_dir, "context_lengths": [2048],
+                                   "depths": [0.25, 0.5, 0.75]})
+    samples = task.samples(loaded)
+    for keep in args.keeps:
+        for name in args.methods:
+            runner = LMRunner(loaded, registry.build("method", {"name": name, "keep_ratio": keep,
+                                                                "query_aware": True}))
+            rows = []
+            for s in samples:
+                out = runner.generate(runner.build_prompt(s), 24)
+                rows.append(task.score(s, loaded.tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True)))
+            mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "answer_prefix")}
+            print(f"keep={keep} {name}: accuracy {mean['accuracy']:.2f}, answer_prefix {mean['answer_prefix']:.2f}",
+                  flush=True)
+
+
+if __name__ == "__main__":
+    main()
