@@ -11,7 +11,7 @@ import torch.nn.functional as F
 
 pytest.importorskip("triton")
 
-from tokenbench import gemv_triton  # noqa: E402
+from tokenbench import gemv_triton  # noqa: E402 (after the importorskip)
 
 CPU_ONLY = pytest.mark.skipif(torch.cuda.is_available(), reason="the interpreter runs without a GPU only")
 
