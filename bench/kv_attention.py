@@ -30,6 +30,11 @@ _registered = False
 # "auto": triton on a GPU (faster at every shape measured on an H200, results/perf/kv), else matmul.
 DECODE_BACKEND = "auto"
 DECODE_BACKENDS = ("auto", "matmul", "triton", "sdpa")
+# A prefill's accumulated attention (ScoreContext.accumulated_attention: h2o, observed_attention, vatp):
+# "eager" (float32 weights in query chunks) or "triton" (two blockwise passes, nothing quadratic stored;
+# tokenbench.kv_accumulated_triton; checked against eager in Triton's interpreter, not yet timed on a GPU)
+ACCUMULATED_BACKEND = "eager"
+ACCUMULATED_BACKENDS = ("eager", "triton")
 
 
 def decode_backend(device: torch.device | str) -> str:

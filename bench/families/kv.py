@@ -206,6 +206,13 @@ class ScoreContext:
         if step is not None:
             return step.sum(dim=2)
         b, hq, q, _ = self.queries.shape
+        if kv_attention.ACCUMULATED_BACKEND == "triton" and self.keys.shape[2] >= q:
+            from tokenbench import kv_accumulated_triton
+
+            if kv_accumulated_triton.supported(self.queries, self.keys):
+                return kv_accumulated_triton.accumulated_attention(
+                    self.queries, self.keys, self.valid, self.positions, self.query_positions, self.query_valid,
+                    self.scaling)
         if chunk is None:
             chunk = max(1, min(q, (1 << 30) // max(1, b * hq * self.keys.shape[2] * 4)))
         total = torch.zeros(b, hq, self.keys.shape[2], dtype=torch.float32, device=self.keys.device)

@@ -215,8 +215,12 @@ def main() -> None:
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels: compiled RMSNorm/RoPE/MLP glue")
     ap.add_argument("--gemv", nargs="+", default=["triton"], choices=["cublas", "triton"],
                     help="with --fuse: the decode step's weight products, each measured (fused_decode.GEMV)")
+    ap.add_argument("--accumulated", default="eager", choices=kv_attention.ACCUMULATED_BACKENDS,
+                    help="a prefill's accumulated attention (h2o, observed_attention, vatp): "
+                         "kv_attention.ACCUMULATED_BACKEND")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
+    kv_attention.ACCUMULATED_BACKEND = args.accumulated
     global FUSE
     FUSE = args.fuse
     load_all()
@@ -258,6 +262,7 @@ def main() -> None:
                 row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
                 row["decode_backend"] = kv_attention.decode_backend(device)
                 row["gemv"] = gemv if FUSE else "cublas"
+                row["accumulated_backend"] = kv_attention.ACCUMULATED_BACKEND
                 result["rows"].append(row)
                 print(f"ctx={ctx} b={batch} {name} keep={keep} {backend} {gemv}: prefill {row['prefill_ms']:.0f} ms, "
                       f"TPOT {row['tpot_ms']:.2f} ms, BW {100 * row['decode_bw_frac']:.0f}% "
