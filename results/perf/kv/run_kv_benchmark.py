@@ -19,7 +19,7 @@ import gc
 import json
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import torch
 from tokenbench import fused_decode, kv_attention
@@ -124,6 +124,12 @@ def one(loaded: LoadedModel, name: str, keep: float, ctx: int, batch: int, new: 
     return row
 
 
+def row_key(method: str, keep: Optional[float], ctx: int, batch: int, backend: Optional[str],
+            gemv: str) -> tuple[Any, ...]:
+    """What identifies a measured row (``--resume``): ``none``'s keep is 1.0 (stored as None)."""
+    return method, 1.0 if keep is None else float(keep), int(ctx), int(batch), backend, gemv
+
+
 def runs(name: str, device: str) -> bool:
     """Can ``name`` decode under the current ``DECODE_BACKEND``? Decode-time eviction needs the step's
     attention weights, which the SDPA backend does not return."""
@@ -218,6 +224,9 @@ def main() -> None:
     ap.add_argument("--accumulated", default="eager", choices=kv_attention.ACCUMULATED_BACKENDS,
                     help="a prefill's accumulated attention (h2o, observed_attention, vatp): "
                          "kv_attention.ACCUMULATED_BACKEND")
+    ap.add_argument("--resume", type=Path, default=None,
+                    help="a previous output: its rows are kept (in --out) and not measured again, so a grid can "
+                         "run in several calls under a time limit")
     ap.add_argument("--out", type=Path, required=True)
     args = ap.parse_args()
     kv_attention.ACCUMULATED_BACKEND = args.accumulated
@@ -233,6 +242,11 @@ def main() -> None:
                               copy_bandwidth(device), "weights_bytes": loaded.weights_bytes,
                               "env": environment(device), "args": {k: str(v) for k, v in vars(args).items()},
                               "rows": [], "errors": []}
+    if args.resume is not None:
+        result["rows"] = json.loads(args.resume.read_text())["rows"]
+        result["resumed_from"] = str(args.resume)
+    done = {row_key(r["method"], r["keep_ratio"], r["context"], r["batch"], r.get("decode_backend"),
+                    r.get("gemv", "cublas")) for r in result["rows"]}
     for backend, gemv in [(bk, gm) for bk in args.decode_backends for gm in args.gemv]:  # warm-up, untimed:
         kv_attention.DECODE_BACKEND = backend  # every method's kernels once (cuBLAS, triton, ...)
         fused_decode.GEMV[0] = gemv
@@ -255,7 +269,8 @@ def main() -> None:
                                           for bk in args.decode_backends for gm in args.gemv]:
             kv_attention.DECODE_BACKEND = backend
             fused_decode.GEMV[0] = gemv
-            if not runs(name, device):
+            if not runs(name, device) or row_key(name, keep, ctx, batch, kv_attention.decode_backend(device),
+                                                 gemv if FUSE else "cublas") in done:
                 continue
             t = time.perf_counter()
             try:
