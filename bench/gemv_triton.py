@@ -20,13 +20,13 @@ On CPU tensors the kernel runs only in Triton's interpreter (``TRITON_INTERPRET=
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from functools import lru_cache
 from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from tokenbench.triton_support import runs_on
 
 try:
     import triton
@@ -102,8 +102,7 @@ def _kernel() -> Any:
 def supported(x: torch.Tensor, weight: torch.Tensor) -> bool:
     """Whether the kernel takes this product: a GPU (or the interpreter), at most ``MAX_ROWS`` rows, a 2-D
     row-major weight of the input's dtype (half precision)."""
-    if triton is None or (not x.is_cuda and (os.environ.get("TRITON_INTERPRET") != "1"
-                                              or x.dtype == torch.bfloat16)):  # the interpreter mangles bf16
+    if not runs_on(x):
         return False
     rows = x.numel() // max(1, x.shape[-1])
     return (0 < rows <= MAX_ROWS and weight.dim() == 2 and weight.stride(-1) == 1 and x.dtype == weight.dtype

@@ -20,11 +20,11 @@ On CPU tensors the kernels run only in Triton's interpreter (``TRITON_INTERPRET=
 
 from __future__ import annotations
 
-import os
 from functools import lru_cache
 from typing import Any
 
 import torch
+from tokenbench.triton_support import runs_on
 
 try:
     import triton
@@ -106,8 +106,7 @@ def _kernels() -> tuple[Any, Any]:
 
 def supported(queries: torch.Tensor, keys: torch.Tensor) -> bool:
     """A GPU (or the interpreter, not in bfloat16), a power-of-two head dim >= 16, GQA groups."""
-    if triton is None or (not keys.is_cuda and (os.environ.get("TRITON_INTERPRET") != "1"
-                                                or keys.dtype == torch.bfloat16)):
+    if not runs_on(keys):
         return False
     d = keys.shape[-1]
     return (d >= 16 and not d & (d - 1) and queries.shape[-1] == d and queries.shape[1] % keys.shape[1] == 0
