@@ -106,14 +106,16 @@ class Scissorhands(KVMethod):
                     word.copy_((flags[:, :, lo:hi + 1].long() << age.view(1, 1, -1, 1)).sum(dim=2))
             return count.copy_(flags.sum(dim=2))
         top_word, top_bit = (w - 1) // _BITS, (w - 1) % _BITS  # where the oldest step of the window sits
+        # the last word keeps only the window's bits: the step shifted out of the window is forgotten in the
+        # same pass (one write per word and step)
+        keeps = [_WORD] * top_word + [(1 << (top_bit + 1)) - 1]
         for step in range(m):
             new = flags[:, :, step].long()
             leaving = (words[top_word] >> top_bit) & 1
             carry = new
-            for word in words:
+            for word, keep in zip(words, keeps):
                 out = (word >> (_BITS - 1)) & 1
-                word.copy_(((word << 1) & _WORD) | carry)
+                word.copy_(((word << 1) & keep) | carry)
                 carry = out
-            words[top_word].bitwise_and_((1 << (top_bit + 1)) - 1)  # forget the step that left the window
             count.add_(new - leaving)
         return count
