@@ -1,5 +1,6 @@
 """The KV benchmark script (results/perf/kv/run_kv_benchmark.py) end to end on its tiny CPU config: the rows and
-fields it commits, and ``--resume`` measuring only what an earlier output lacks."""
+fields it commits, the untimed warm-up of each shape before its first row, and ``--resume`` measuring only what
+an earlier output lacks."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ def run(tmp_path: Path, name: str, *extra: str) -> tuple[dict, str]:
 
 
 def test_rows_fields_and_resume(tmp_path: Path) -> None:
-    first, _ = run(tmp_path, "a.json", "--methods", "streaming_llm")
+    first, stdout = run(tmp_path, "a.json", "--methods", "streaming_llm")
+    assert stdout.count("warm-up ctx=64 b=2 (untimed)") == 1  # the shape, once, before its first row
     assert [(r["method"], r["keep_ratio"]) for r in first["rows"]] == [("none", None), ("streaming_llm", 0.5)]
     none, stream = first["rows"]
     for r in first["rows"]:
@@ -35,3 +37,6 @@ def test_rows_fields_and_resume(tmp_path: Path) -> None:
     assert measured == ["tova"]  # none and streaming_llm came from a.json
     assert second["rows"][:2] == first["rows"] and second["rows"][2]["method"] == "tova"
     assert second["resumed_from"] == str(tmp_path / "a.json")
+    third, stdout = run(tmp_path, "c.json", "--methods", "streaming_llm", "tova", "--resume",
+                        str(tmp_path / "b.json"))
+    assert third["rows"] == second["rows"] and "warm-up" not in stdout  # nothing left: no shape warm-up

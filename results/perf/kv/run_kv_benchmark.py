@@ -124,6 +124,19 @@ def one(loaded: LoadedModel, name: str, keep: float, ctx: int, batch: int, new: 
     return row
 
 
+def warm_shape(loaded: LoadedModel, ctx: int, batch: int, question: int, peak_bw: float) -> None:
+    """One untimed ``none`` prefill (and two decode steps) of a (context, batch) shape before its first
+    measured row: one-time costs of a new prefill shape (per-shape kernel plans, allocator growth) must not
+    land on whichever method runs first."""
+    print(f"warm-up ctx={ctx} b={batch} (untimed)", flush=True)
+    try:
+        one(loaded, "none", 1.0, ctx, batch, 2, question, peak_bw)
+    except Exception as exc:  # noqa: BLE001 - e.g. out of memory: the rows report their own errors
+        print(f"ctx={ctx} b={batch}: shape warm-up failed: {type(exc).__name__}"[:200], flush=True)
+    if loaded.device != "cpu":
+        torch.cuda.empty_cache()
+
+
 def row_key(method: str, keep: Optional[float], ctx: int, batch: int, backend: Optional[str],
             gemv: str) -> tuple[Any, ...]:
     """What identifies a measured row (``--resume``): ``none``'s keep is 1.0 (stored as None)."""
@@ -262,6 +275,7 @@ def main() -> None:
     # the smallest keep ratio and the largest shapes first, so a time limit cuts the least informative runs
     blocks = sorted(((k, c, b) for k in sorted(args.keeps) for c in args.contexts for b in args.batches),
                     key=lambda kcb: (kcb[0], -kcb[1] * kcb[2]))
+    warmed: set[tuple[int, int]] = set()
     for block_keep, ctx, batch in blocks:
         first_block = block_keep == min(args.keeps)
         for name, keep, backend, gemv in [(n, k, bk, gm) for n in names
@@ -272,6 +286,9 @@ def main() -> None:
             if not runs(name, device) or row_key(name, keep, ctx, batch, kv_attention.decode_backend(device),
                                                  gemv if FUSE else "cublas") in done:
                 continue
+            if (ctx, batch) not in warmed:
+                warmed.add((ctx, batch))
+                warm_shape(loaded, ctx, batch, args.question, peak_bw)
             t = time.perf_counter()
             try:
                 row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
