@@ -33,12 +33,17 @@ _compiled: dict[str, Callable] = {}
 GEMV = ["triton"]
 
 
+def _gemv_takes(x: torch.Tensor, weight: torch.Tensor) -> bool:
+    """Whether ``x @ weight.T`` runs as the Triton GEMV (``GEMV`` selects it and the kernel takes the shapes)."""
+    from tokenbench import gemv_triton
+
+    return GEMV[0] == "triton" and gemv_triton.supported(x, weight)
+
+
 def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
     from tokenbench import gemv_triton
 
-    if GEMV[0] == "triton" and gemv_triton.supported(x, weight):
-        return gemv_triton.linear(x, weight, bias)
-    return F.linear(x, weight, bias)
+    return gemv_triton.linear(x, weight, bias) if _gemv_takes(x, weight) else F.linear(x, weight, bias)
 
 
 def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: Any) -> Callable:
@@ -164,9 +169,9 @@ def _fused_mlp(m: torch.nn.Module, silu_mul: Callable) -> Callable:
     m.gate_proj.weight.data, m.up_proj.weight.data = w[:n], w[n:]
 
     def forward(x: torch.Tensor) -> torch.Tensor:
-        from tokenbench import gemv_triton
+        if _gemv_takes(x, w):
+            from tokenbench import gemv_triton
 
-        if GEMV[0] == "triton" and gemv_triton.supported(x, w):
             return m.down_proj(gemv_triton.silu_mul_linear(x, w))
         gate, up = F.linear(x, w).split(n, dim=-1)
         return m.down_proj(silu_mul(gate, up))

@@ -43,9 +43,10 @@ def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, 
                  slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
                  qpos: torch.Tensor, advance: bool = False) -> None:
     """A decode step's write, in place: the new key/value of every row and head into its ``slot`` ``(B, H)``,
-    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). ``advance``: then point ``slot`` at the next slot (a cache that does not evict while decoding
-    fills its slots in order). A pure function so that ``measure.fuse_kernels`` can swap in one kernel for the
-    four scatters and the increment (``kv_decode_triton.write_decode``)."""
+    with its validity and position (``qvalid``/``qpos``: ``(B, 1)``). ``advance``: then point ``slot`` at the
+    next slot (a cache that does not evict while decoding fills its slots in order). A pure function so that
+    ``measure.fuse_kernels`` can swap in one kernel for the four scatters and the increment
+    (``kv_decode_triton.write_decode``)."""
     b, h = slot.shape
     idx = slot.unsqueeze(-1)
     keys.scatter_(2, idx.unsqueeze(-1).expand(-1, -1, -1, keys.shape[-1]), key_states)

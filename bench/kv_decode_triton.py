@@ -21,11 +21,11 @@ slow, for tests).
 from __future__ import annotations
 
 import math
-import os
 from functools import lru_cache
 from typing import Any, Optional
 
 import torch
+from tokenbench.triton_support import runs_on
 
 try:
     import triton
@@ -132,13 +132,12 @@ def write_decode(keys: torch.Tensor, values: torch.Tensor, valid: torch.Tensor, 
                  slot: torch.Tensor, key_states: torch.Tensor, value_states: torch.Tensor, qvalid: torch.Tensor,
                  qpos: torch.Tensor, advance: bool = False) -> None:
     """``kv_cache.write_decode`` in one kernel instead of four scatters (~3 µs each per layer on an H200) and,
-    with ``advance``, the slot increment; the same arguments and effect. Off a GPU, without Triton's interpreter,
-    the eager version runs."""
+    with ``advance``, the slot increment; the same arguments and effect. Where the kernel cannot run
+    (``triton_support.runs_on``), the eager version does."""
     from tokenbench import kv_cache
 
     d = keys.shape[-1]
-    interpreted = os.environ.get("TRITON_INTERPRET") == "1"
-    if (not keys.is_cuda and not interpreted) or d & (d - 1) or values.shape[-1] != d \
+    if not runs_on(keys) or d & (d - 1) or values.shape[-1] != d \
             or key_states.stride(-1) != 1 or value_states.stride(-1) != 1 or not slot.is_contiguous():
         kv_cache.write_decode(keys, values, valid, pos, slot, key_states, value_states, qvalid, qpos, advance)
         return

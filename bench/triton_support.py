@@ -1,4 +1,5 @@
-"""Where tokenbench's Triton kernels can run (``gemv_triton``, ``kv_accumulated_triton``)."""
+"""Where tokenbench's Triton kernels can run (``gemv_triton``, ``kv_accumulated_triton``, the decode write of
+``kv_decode_triton``)."""
 
 from __future__ import annotations
 
