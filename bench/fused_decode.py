@@ -46,9 +46,20 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     return gemv_triton.linear(x, weight, bias) if _gemv_takes(x, weight) else F.linear(x, weight, bias)
 
 
+# Compiled variants kept per function: the eviction step specializes per method (its state tensors) and per
+# cache shape (its reduction chunks), so a sweep of methods x shapes in one process outgrows dynamo's default
+# of 8, and under fullgraph=True hitting the limit is an error, not a fallback (seen in the KV grid, H200)
+RECOMPILE_LIMIT = 64
+COMPILE_BACKEND = "inductor"  # "eager": dynamo's tracing and guards without code generation (quick tests)
+
+
 def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: Any) -> Callable:
     if name not in _compiled:
-        _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True, options=options or None)
+        config = torch._dynamo.config
+        config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        inductor = COMPILE_BACKEND == "inductor"
+        _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=COMPILE_BACKEND,
+                                        options=(options or None) if inductor else None)
     return _compiled[name]
 
 

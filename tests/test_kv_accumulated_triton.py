@@ -87,3 +87,20 @@ def test_bfloat16_on_the_gpu(monkeypatch) -> None:
     ctx = context(2, 8, 4, 128, 300, 1000, 17, torch.bfloat16, device="cuda")
     got, ref = both(ctx, monkeypatch)
     torch.testing.assert_close(got, ref, atol=2e-2, rtol=2e-2)
+
+
+def test_auto_takes_the_kernel_on_a_gpu_only(monkeypatch) -> None:
+    """``ACCUMULATED_BACKEND="auto"`` (the default): the Triton kernel for CUDA tensors, the eager chunks on the
+    CPU (the interpreter is far slower there); an explicit choice wins on either."""
+    assert kv_attention.ACCUMULATED_BACKEND == "auto"
+    assert kv_attention.accumulated_backend("cuda:0") == "triton"
+    assert kv_attention.accumulated_backend(torch.device("cpu")) == "eager"
+    for choice in ("eager", "triton"):
+        monkeypatch.setattr(kv_attention, "ACCUMULATED_BACKEND", choice)
+        assert kv_attention.accumulated_backend("cuda") == kv_attention.accumulated_backend("cpu") == choice
+    monkeypatch.setattr(kv_attention, "ACCUMULATED_BACKEND", "auto")
+    calls = []
+    monkeypatch.setattr(kv_accumulated_triton, "accumulated_attention", lambda *a: calls.append(a))
+    ctx = context(1, 2, 2, 16, 3, 20, 0, torch.float32)
+    ref = ctx.accumulated_attention()
+    assert not calls and ref.shape == (1, 4, 23)  # CPU: the eager chunks ran

@@ -577,6 +577,42 @@ def test_fused_kernels_keep_the_numerics(loaded_sdpa, monkeypatch, name) -> None
     assert fused_lm.model._tokenbench_pending.hits > 0 and not fused_lm.model._tokenbench_pending.ahead
 
 
+def test_fused_eviction_compiles_past_dynamos_default_limit(loaded_sdpa, monkeypatch) -> None:
+    """Decode-time methods x cache shapes in one process (a sweep): the compiled eviction step gets one variant
+    per method and shape; past dynamo's default of 8 variants fullgraph=True fails hard (the H200 grid's tova,
+    h2o and scissorhands rows did), so fused_decode raises the limit. Dynamo's eager backend: same guards."""
+    import copy
+    import sys
+
+    from tokenbench import fused_decode, kv_attention, kv_cache
+    from tokenbench.families import kv as kv_family
+
+    if len(DECODE_TIME) < 2:
+        pytest.skip("needs two decode-time methods")
+    modeling = sys.modules[type(loaded_sdpa.model.model.layers[0].self_attn).__module__]
+    monkeypatch.setattr(modeling, "apply_rotary_pos_emb", modeling.apply_rotary_pos_emb)
+    for module, name in ((kv_attention, "DECODE_IMPL"), (kv_family, "EVICT_IMPL"), (kv_cache, "WRITE_IMPL")):
+        monkeypatch.setattr(module, name, list(getattr(module, name)))
+    monkeypatch.setattr(fused_decode, "_compiled", {})
+    monkeypatch.setattr(fused_decode, "COMPILE_BACKEND", "eager")
+    monkeypatch.setattr(torch._dynamo.config, "recompile_limit", 8)  # the default, whatever ran before
+    code = kv_family.decode_evict.__code__
+    torch._dynamo.reset()
+    try:
+        fused_lm = copy.deepcopy(loaded_sdpa)
+        for i, name in enumerate(DECODE_TIME):
+            m = METHODS.get(name, "kv").cls(keep_ratio=0.5, phase="both")
+            for j, lengths in enumerate(([40, 27], [64, 31], [90, 50], [23, 17], [130, 70])):
+                p = Prompt.batch(ragged(30 + 7 * i + j, lengths, [6, 6]))
+                out = LMRunner(fused_lm, m, MeasureSettings(warmup=0, fuse_kernels=True)).generate(p, 4, 4)
+                assert len(out.tokens[0]) == 4
+        variants = len(torch._dynamo.eval_frame._debug_get_cache_entry_list(code))
+        assert variants > 8, variants  # the sweep did outgrow the default
+        assert torch._dynamo.config.recompile_limit == fused_decode.RECOMPILE_LIMIT
+    finally:
+        torch._dynamo.reset()
+
+
 def test_merge_keeps_method_state_of_groups_that_never_evicted(loaded) -> None:
     """Row groups where only some evicted at prefill (a short row under an absolute budget): the merged cache
     carries each row's own per-slot state, zero for rows that had none (h2o-style accumulated attention)."""

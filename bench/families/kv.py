@@ -206,7 +206,7 @@ class ScoreContext:
         if step is not None:
             return step.sum(dim=2)
         b, hq, q, _ = self.queries.shape
-        if kv_attention.ACCUMULATED_BACKEND == "triton" and self.keys.shape[2] >= q:
+        if kv_attention.accumulated_backend(self.keys.device) == "triton" and self.keys.shape[2] >= q:
             from tokenbench import kv_accumulated_triton
 
             if kv_accumulated_triton.supported(self.queries, self.keys):

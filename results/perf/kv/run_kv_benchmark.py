@@ -234,7 +234,7 @@ def main() -> None:
     ap.add_argument("--fuse", action="store_true", help="measure.fuse_kernels: compiled RMSNorm/RoPE/MLP glue")
     ap.add_argument("--gemv", nargs="+", default=["triton"], choices=["cublas", "triton"],
                     help="with --fuse: the decode step's weight products, each measured (fused_decode.GEMV)")
-    ap.add_argument("--accumulated", default="eager", choices=kv_attention.ACCUMULATED_BACKENDS,
+    ap.add_argument("--accumulated", default="auto", choices=kv_attention.ACCUMULATED_BACKENDS,
                     help="a prefill's accumulated attention (h2o, observed_attention, vatp): "
                          "kv_attention.ACCUMULATED_BACKEND")
     ap.add_argument("--resume", type=Path, default=None,
@@ -294,7 +294,7 @@ def main() -> None:
                 row = one(loaded, name, keep, ctx, batch, args.new_tokens, args.question, peak_bw)
                 row["decode_backend"] = kv_attention.decode_backend(device)
                 row["gemv"] = gemv if FUSE else "cublas"
-                row["accumulated_backend"] = kv_attention.ACCUMULATED_BACKEND
+                row["accumulated_backend"] = kv_attention.accumulated_backend(device)
                 result["rows"].append(row)
                 print(f"ctx={ctx} b={batch} {name} keep={keep} {backend} {gemv}: prefill {row['prefill_ms']:.0f} ms, "
                       f"TPOT {row['tpot_ms']:.2f} ms, BW {100 * row['decode_bw_frac']:.0f}% "
