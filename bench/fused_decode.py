@@ -51,6 +51,8 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
 # of 8, and under fullgraph=True hitting the limit is an error, not a fallback (seen in the KV grid, H200)
 RECOMPILE_LIMIT = 64
 COMPILE_BACKEND = "inductor"  # "eager": dynamo's tracing and guards without code generation (quick tests)
+# inductor options of the compiled eviction step (A/B runs: results/perf/kv/ab_evict_options.py; none by default)
+EVICT_OPTIONS: dict[str, Any] = {}
 
 
 def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: Any) -> Callable:
@@ -305,6 +307,6 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
 
     # dynamic=None: a method's integer settings (scissorhands' history window, used in bit masks) stay
     # constants; shapes become symbolic once they change (a compiled ``2 ** s`` fails in inductor on GPU)
-    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict, dynamic=None)
+    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict, dynamic=None, **EVICT_OPTIONS)
     model._tokenbench_fused = counts
     return counts
