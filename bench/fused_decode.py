@@ -46,10 +46,10 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: Optional[torch.Tensor] 
     return gemv_triton.linear(x, weight, bias) if _gemv_takes(x, weight) else F.linear(x, weight, bias)
 
 
-# Compiled variants kept per function: the eviction step specializes per method (its state tensors) and per
-# cache shape (its reduction chunks), so a sweep of methods x shapes in one process outgrows dynamo's default
-# of 8, and under fullgraph=True hitting the limit is an error, not a fallback (seen in the KV grid, H200)
-RECOMPILE_LIMIT = 64
+# Compiled variants kept per function: the eviction step is compiled per method (its state tensors) and per
+# cache shape (static shapes), so a sweep of methods x shapes in one process outgrows dynamo's default of 8,
+# and under fullgraph=True hitting the limit is an error, not a fallback (seen in the KV grid, H200)
+RECOMPILE_LIMIT = 128
 COMPILE_BACKEND = "inductor"  # "eager": dynamo's tracing and guards without code generation (quick tests)
 # inductor options of the compiled eviction step (A/B runs: results/perf/kv/ab_evict_options.py; none by default)
 EVICT_OPTIONS: dict[str, Any] = {}
@@ -59,6 +59,7 @@ def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: An
     if name not in _compiled:
         config = torch._dynamo.config
         config.recompile_limit = max(config.recompile_limit, RECOMPILE_LIMIT)
+        config.accumulated_recompile_limit = max(config.accumulated_recompile_limit, 8 * RECOMPILE_LIMIT)
         inductor = COMPILE_BACKEND == "inductor"
         _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=COMPILE_BACKEND,
                                         options=(options or None) if inductor else None)
@@ -305,8 +306,11 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
         kv_cache.WRITE_IMPL[0] = kv_decode_triton.write_decode
     from tokenbench.families import kv as kv_family
 
-    # dynamic=None: a method's integer settings (scissorhands' history window, used in bit masks) stay
-    # constants; shapes become symbolic once they change (a compiled ``2 ** s`` fails in inductor on GPU)
-    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict, dynamic=None, **EVICT_OPTIONS)
+    # dynamic=False: one static compile per cache shape. A method's integer settings (scissorhands' history
+    # window, used in bit masks) stay constants (a compiled ``2 ** s`` fails in inductor on GPU), and so do the
+    # shapes: with dynamic=None the second shape a method meets turns them symbolic, and those kernels were
+    # slower (H200, 32k/b8/keep 10%: scissorhands 6.44-6.54 ms per step against 5.89 static, tova 5.92-6.02
+    # against 5.73; streaming_llm 5.29-5.51; results/perf/kv/ab_evict_options_h200.json)
+    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict, dynamic=False, **EVICT_OPTIONS)
     model._tokenbench_fused = counts
     return counts
