@@ -20,7 +20,7 @@ works for Llama, Qwen2/3, Mistral and other models built from the same parts.
 from __future__ import annotations
 
 import sys
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Iterator, Optional
 
 import torch
 import torch.nn.functional as F
@@ -64,6 +64,32 @@ def _compile(name: str, fn: Callable, dynamic: bool | None = True, **options: An
         _compiled[name] = torch.compile(fn, dynamic=dynamic, fullgraph=True, backend=COMPILE_BACKEND,
                                         options=(options or None) if inductor else None)
     return _compiled[name]
+
+
+def _tensors(obj: Any) -> Iterator[torch.Tensor]:
+    """The tensors an object holds directly, in tuples or in dicts (one level)."""
+    for value in vars(obj).values():
+        if isinstance(value, torch.Tensor):
+            yield value
+        elif isinstance(value, (tuple, list)):
+            yield from (v for v in value if isinstance(v, torch.Tensor))
+        elif isinstance(value, dict):
+            yield from (v for v in value.values() if isinstance(v, torch.Tensor))
+
+
+def _static_shapes(step: Callable) -> Callable:
+    """The compiled eviction step with every tensor of its context (and the context's cache layer) marked
+    static: a method gets one compiled variant per cache shape. Left to dynamo, the second shape a method meets
+    turns its shapes symbolic for good, and those kernels were slower (H200, 32k/b8/keep 10%, fused decode:
+    scissorhands 6.44-6.54 ms per step compiled symbolic in the grid against 5.89 static, tova 5.92-6.02
+    against 5.73, streaming_llm 5.29-5.51; results/perf/kv/ab_evict_options_h200.json)."""
+
+    def call(method: Any, ctx: Any, cap: torch.Tensor) -> torch.Tensor:
+        for t in (*_tensors(ctx), *_tensors(ctx.layer), cap):
+            torch._dynamo.mark_static(t)
+        return step(method, ctx, cap)
+
+    return call
 
 
 def _rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -306,11 +332,10 @@ def fuse(model: torch.nn.Module) -> dict[str, int]:
         kv_cache.WRITE_IMPL[0] = kv_decode_triton.write_decode
     from tokenbench.families import kv as kv_family
 
-    # dynamic=False: one static compile per cache shape. A method's integer settings (scissorhands' history
-    # window, used in bit masks) stay constants (a compiled ``2 ** s`` fails in inductor on GPU), and so do the
-    # shapes: with dynamic=None the second shape a method meets turns them symbolic, and those kernels were
-    # slower (H200, 32k/b8/keep 10%: scissorhands 6.44-6.54 ms per step against 5.89 static, tova 5.92-6.02
-    # against 5.73; streaming_llm 5.29-5.51; results/perf/kv/ab_evict_options_h200.json)
-    kv_family.EVICT_IMPL[0] = _compile("decode_evict", kv_family.decode_evict, dynamic=False, **EVICT_OPTIONS)
+    # dynamic=None: a method's integer settings (scissorhands' history window, used in bit masks) stay
+    # constants (a compiled ``2 ** s`` fails in inductor on GPU) unless they vary (a layer index turns
+    # symbolic instead of costing a variant per layer); the tensors' shapes are marked static
+    kv_family.EVICT_IMPL[0] = _static_shapes(_compile("decode_evict", kv_family.decode_evict, dynamic=None,
+                                                      **EVICT_OPTIONS))
     model._tokenbench_fused = counts
     return counts
