@@ -19,41 +19,42 @@ def key(r: dict[str, Any]) -> tuple[str, float, int, int]:
 
 def tables(rows: list[dict[str, Any]]) -> str:
     idx = {key(r): r for r in rows}
+
+    def row(method: str, keep: float, c: int, b: int) -> dict[str, Any] | None:
+        return idx.get((method, 1.0 if method == "none" else keep, c, b))
+
     shapes = sorted({(r["context"], r["batch"]) for r in rows}, key=lambda cb: (-cb[0], -cb[1]))
     methods = ["none"] + sorted({r["method"] for r in rows} - {"none"})
     head = " | ".join(f"{c // 1024}k b{b}" for c, b in shapes)
+    keeps = sorted({k for _, k, _, _ in idx if k < 1.0})
     out = []
-    for keep in sorted({k for _, k, _, _ in idx if k < 1.0}):
+    for keep in keeps:
         out += [f"keep {keep:g}: TPOT ms (× streaming_llm, decode BW % of peak)", "",
                 f"| method | {head} |", "|---|" + "---:|" * len(shapes)]
         for m in methods:
             cells = []
             for c, b in shapes:
-                r, s = idx.get((m, 1.0 if m == "none" else keep, c, b)), idx.get(("streaming_llm", keep, c, b))
+                r, s = row(m, keep, c, b), row("streaming_llm", keep, c, b)
                 if r is None:
                     cells.append("—")
                     continue
                 ratio = "" if m == "none" or s is None else f"{r['tpot_ms'] / s['tpot_ms']:.2f}×, "
                 cells.append(f"{r['tpot_ms']:.2f} ({ratio}{100 * r['decode_bw_frac']:.0f}%)")
             out.append(f"| {m} | " + " | ".join(cells) + " |")
-        cells = []
+        speedup, worst = [], []
         for c, b in shapes:
-            n, s = idx.get(("none", 1.0, c, b)), idx.get(("streaming_llm", keep, c, b))
-            cells.append("—" if n is None or s is None else f"{n['tpot_ms'] / s['tpot_ms']:.2f}×")
-        worst = []
-        for c, b in shapes:
-            s = idx.get(("streaming_llm", keep, c, b))
-            pairs = [(idx[(m, keep, c, b)]["tpot_ms"] / s["tpot_ms"], m) for m in methods[1:]
-                     if s is not None and (m, keep, c, b) in idx]
-            worst.append("—" if not pairs else f"{max(pairs)[0]:.2f}× ({max(pairs)[1]})")
-        out += ["| **streaming_llm's speedup over none** | " + " | ".join(cells) + " |",
+            n, s = row("none", keep, c, b), row("streaming_llm", keep, c, b)
+            speedup.append("—" if n is None or s is None else f"{n['tpot_ms'] / s['tpot_ms']:.2f}×")
+            pairs = [] if s is None else [(r["tpot_ms"] / s["tpot_ms"], m) for m in methods[1:]
+                                          if (r := row(m, keep, c, b)) is not None]
+            worst.append("—" if not pairs else "{:.2f}× ({})".format(*max(pairs)))
+        out += ["| **streaming_llm's speedup over none** | " + " | ".join(speedup) + " |",
                 "| **slowest method ÷ streaming_llm** | " + " | ".join(worst) + " |", ""]
-    out += ["Prefill ms (TTFT), keep 0.1 (none: full cache)", "", f"| method | {head} |",
+    keep = keeps[0] if keeps else 1.0
+    out += [f"Prefill ms (TTFT), keep {keep:g} (none: full cache)", "", f"| method | {head} |",
             "|---|" + "---:|" * len(shapes)]
-    keep = min(k for _, k, _, _ in idx)
     for m in methods:
-        cells = [f"{idx[(m, 1.0 if m == 'none' else keep, c, b)]['prefill_ms']:.0f}"
-                 if (m, 1.0 if m == "none" else keep, c, b) in idx else "—" for c, b in shapes]
+        cells = ["—" if (r := row(m, keep, c, b)) is None else f"{r['prefill_ms']:.0f}" for c, b in shapes]
         out.append(f"| {m} | " + " | ".join(cells) + " |")
     return "\n".join(out)
 

@@ -12,9 +12,13 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
+from pathlib import Path
 
 from tokenbench import registry
-from tokenbench.lm import LMRunner
+
+sys.path.insert(0, str(Path(__file__).parent))
+from keep_sweep import predict
 
 PREFIX = "The special magic number mentioned in the text above is"
 
@@ -34,13 +38,9 @@ def main() -> None:
                                    meta={**s.meta, "chat_template": False}) for s in task.samples(loaded)]
     for name in args.methods:
         cfg = {"name": name} if name == "none" else {"name": name, "keep_ratio": args.keep, "query_aware": True}
-        runner = LMRunner(loaded, registry.build("method", cfg, family="kv"))
-        rows, preds = [], []
-        for s in samples:
-            out = runner.generate(runner.build_prompt(s, use_chat_template=False), task.max_new_tokens)
-            text = loaded.tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True)
-            rows.append(task.score(s, text))
-            preds.append(text.strip().split("\n")[0][:12])
+        scored = predict(loaded, task, samples, cfg, chat_template=False)
+        rows = [r for r, _ in scored]
+        preds = [text.strip().split("\n")[0][:12] for _, text in scored]
         mid = rows[1:-1]  # depths .25 / .5 / .75
         print(f"{name}: per depth {''.join(str(int(r['accuracy'])) for r in rows)}, middle depths accuracy "
               f"{sum(r['accuracy'] for r in mid) / len(mid):.2f}, answer_prefix "

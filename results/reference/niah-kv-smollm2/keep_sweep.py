@@ -9,9 +9,23 @@ exact accuracy and answer_prefix averaged over depths .25/.5/.75 of a 2048-token
 from __future__ import annotations
 
 import argparse
+from typing import Any
 
 from tokenbench import registry
 from tokenbench.lm import LMRunner
+
+
+def predict(loaded: Any, task: Any, samples: list[Any], method: dict[str, Any],
+            chat_template: bool = True) -> list[tuple[dict[str, float], str]]:
+    """Each sample through a kv method (``method``: its config, ``name`` included): the task's scores of the
+    greedy answer (the task's ``max_new_tokens``) and the answer's text."""
+    runner = LMRunner(loaded, registry.build("method", method, family="kv"))
+    out = []
+    for s in samples:
+        gen = runner.generate(runner.build_prompt(s, use_chat_template=chat_template), task.max_new_tokens)
+        text = loaded.tokenizer.decode(gen.tokens[0].tolist(), skip_special_tokens=True)
+        out.append((task.score(s, text), text))
+    return out
 
 
 def main() -> None:
@@ -27,12 +41,8 @@ def main() -> None:
     samples = task.samples(loaded)
     for keep in args.keeps:
         for name in args.methods:
-            runner = LMRunner(loaded, registry.build("method", {"name": name, "keep_ratio": keep,
-                                                                "query_aware": True}))
-            rows = []
-            for s in samples:
-                out = runner.generate(runner.build_prompt(s), 24)
-                rows.append(task.score(s, loaded.tokenizer.decode(out.tokens[0].tolist(), skip_special_tokens=True)))
+            rows = [r for r, _ in predict(loaded, task, samples, {"name": name, "keep_ratio": keep,
+                                                                  "query_aware": True})]
             mean = {k: sum(r[k] for r in rows) / len(rows) for k in ("accuracy", "answer_prefix")}
             print(f"keep={keep} {name}: accuracy {mean['accuracy']:.2f}, answer_prefix {mean['answer_prefix']:.2f}",
                   flush=True)
