@@ -3,6 +3,7 @@ that vanishes on the repeat is a one-time cost: compilation, autotuning, allocat
 of the first method under torch.profiler (top ops by CPU and by GPU time).
 
     python results/perf/kv/profile_prefill.py --context 8192 --batch 1 --methods pyramidkv snapkv
+    python results/perf/kv/profile_prefill.py --context 8192 --batch 1 --sdpa no-cudnn    # SDPA without cuDNN
     python results/perf/kv/profile_prefill.py --tiny --methods pyramidkv snapkv    # CPU smoke run
 """
 
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.profiler import ProfilerActivity, profile
 
 sys.path.insert(0, str(Path(__file__).parent))
@@ -38,28 +40,43 @@ def prefill_ms(runner: LMRunner, ids: torch.Tensor, context: int, steps: int) ->
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--context", type=int, default=8192)
+    ap.add_argument("--contexts", type=int, nargs="+", default=[8192], help="each a new shape, in turn")
     ap.add_argument("--batch", type=int, default=1)
     ap.add_argument("--methods", nargs="+", default=["pyramidkv", "snapkv"])
     ap.add_argument("--keep", type=float, default=0.1)
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--tiny", action="store_true")
+    ap.add_argument("--sdpa", choices=["default", "no-cudnn"], default="default",
+                    help="SDPA backends allowed (no-cudnn: flash, efficient, math)")
+    ap.add_argument("--no-profile", action="store_true")
     args = ap.parse_args()
+    if args.sdpa == "no-cudnn":
+        with sdpa_kernel([SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]):
+            run(args)
+    else:
+        run(args)
+
+
+def run(args: argparse.Namespace) -> None:
     load_all()
     device = "cpu" if args.tiny else "cuda"
     loaded = load(args.tiny, device)
-    ids = torch.randint(10, 500, (args.batch, args.context + 32)).to(device)
     runners = {m: LMRunner(loaded, make_method(m, args.keep), MeasureSettings(warmup=0, cuda_graph=False))
                for m in args.methods}
-    prefill_ms(runners["none"] if "none" in runners else LMRunner(loaded, make_method("none", 1.0),
-                                                                   MeasureSettings(warmup=0)), ids, args.context, 8)
-    for rep in range(args.repeats):
-        for m, runner in runners.items():
-            print(f"repeat {rep} {m}: prefill {prefill_ms(runner, ids, args.context, 8):.1f} ms", flush=True)
+    plain = LMRunner(loaded, make_method("none", 1.0), MeasureSettings(warmup=0))
+    for context in args.contexts:
+        ids = torch.randint(10, 500, (args.batch, context + 32)).to(device)
+        print(f"context {context}: untimed none {prefill_ms(plain, ids, context, 8):.1f} ms", flush=True)
+        for rep in range(args.repeats):
+            for m, runner in runners.items():
+                print(f"context {context} repeat {rep} {m}: prefill {prefill_ms(runner, ids, context, 8):.1f} ms",
+                      flush=True)
+    if args.no_profile:
+        return
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
     first = args.methods[0]
     with profile(activities=acts) as prof:
-        ms = prefill_ms(runners[first], ids, args.context, 8)
+        ms = prefill_ms(runners[first], ids, context, 8)
     print(f"profiled {first}: prefill {ms:.1f} ms")
     print(prof.key_averages().table(sort_by="cpu_time_total", row_limit=30, max_name_column_width=60))
     if device == "cuda":
