@@ -5,7 +5,9 @@ While a ``KVSession`` is attached the model runs this function in every attentio
 
 - masks come from the cache itself (``valid & pos_k <= pos_q``): left padding, rows/layers/heads of different
   lengths after eviction and reused slots all just work, with no 2-D mask bookkeeping;
-- a fresh, unpadded prefill runs SDPA with ``is_causal`` (flash / cuDNN kernels on GPU);
+- a fresh, unpadded prefill runs SDPA with ``is_causal`` (flash / cuDNN kernels on GPU); a forward over a
+  compressed cache (the question after a query-agnostic compression) runs SDPA without cuDNN, whose
+  execution plans are built per shape — once per layer where layers keep different lengths (PyramidKV);
 - a decode step runs an explicit GQA-packed attention (queries of a KV group side by side, the cache never
   expanded): it is memory-bound either way, and it yields the step's attention weights for free, which the
   decode-time methods (H2O, TOVA, ...) score with;
@@ -21,6 +23,7 @@ from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 NAME = "tokenbench_kv"
 _ACTIVE: list[Any] = []  # the attached KVSession (a stack: sessions do not nest, but a failure must unwind)
@@ -36,6 +39,11 @@ DECODE_BACKENDS = ("auto", "matmul", "triton", "sdpa")
 # against 110 s for the eager chunks, results/perf/kv), eager on the CPU (the interpreter is slow there)
 ACCUMULATED_BACKEND = "auto"
 ACCUMULATED_BACKENDS = ("auto", "eager", "triton")
+# SDPA over a compressed cache (keys of another length than the queries): no cuDNN. cuDNN builds an execution
+# plan for every new shape, and after PyramidKV's per-layer budgets every layer has one: its first prefill at a
+# shape took 4.1 s against 0.33 s on the repeat (H200, 8k x 1 row; 0.53 s first without cuDNN), while these
+# calls (a question's few queries) gain nothing from cuDNN's speed (results/perf/kv, sixth session)
+COMPRESSED_SDPA_BACKENDS = [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.MATH]
 
 
 def decode_backend(device: torch.device | str) -> str:
@@ -85,7 +93,12 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     mask = causal_mask(kvalid, kpos, qpos)
     if mask.shape[1] > 1 and groups > 1:
         mask = mask.repeat_interleave(groups, dim=1)
-    return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling, enable_gqa=groups > 1)
+    if key.shape[2] == query.shape[2]:  # a (padded) prompt's own keys: one shape for all layers
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=groups > 1)
+    with sdpa_kernel(COMPRESSED_SDPA_BACKENDS):
+        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
+                                              enable_gqa=groups > 1)
 
 
 def decode_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tensor, kvalid: torch.Tensor,

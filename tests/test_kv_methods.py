@@ -439,6 +439,32 @@ def test_generation_after_eviction_uses_true_positions(loaded, loaded_sdpa, meth
         assert out.compression["kept_tokens_per_layer"] == [12, 12]
 
 
+def test_sdpa_over_a_compressed_cache_leaves_cudnn_out(loaded_sdpa, monkeypatch) -> None:
+    """cuDNN's SDPA builds an execution plan per shape, and PyramidKV's layers each keep another length: a
+    forward over a compressed cache (the question, query-agnostic) must run without cuDNN, while a prompt's
+    own keys (fresh or left-padded: one shape for every layer) keep the default backends."""
+    from tokenbench import kv_attention
+
+    calls: list[tuple[int, int, bool]] = []
+    sdpa = F.scaled_dot_product_attention
+
+    def spy(query, key, *args, **kwargs):
+        calls.append((query.shape[2], key.shape[2], torch.backends.cuda.cudnn_sdp_enabled()))
+        return sdpa(query, key, *args, **kwargs)
+
+    monkeypatch.setattr(kv_attention.F, "scaled_dot_product_attention", spy)
+    assert torch.backends.cuda.cudnn_sdp_enabled()  # the default the prompt's forward keeps
+    method = METHODS.get("pyramidkv", "kv").cls(keep_ratio=0.5, query_aware=False)
+    for p in (prompt(1), Prompt.batch(ragged(3, [P, 30]))):
+        calls.clear()
+        gen(loaded_sdpa, method, p, n=2, logits=False)
+        own = [c for c in calls if c[0] == c[1]]
+        over_cache = [c for c in calls if c[0] == S and c[1] < c[0] + P]
+        assert len(own) == 2 and len(over_cache) == 2, calls  # 2 layers: the prompt, then the question
+        assert all(c[2] for c in own) and not any(c[2] for c in over_cache), calls
+        assert torch.backends.cuda.cudnn_sdp_enabled()  # restored after each call
+
+
 # --- the runner ----------------------------------------------------------------------------------------
 
 
