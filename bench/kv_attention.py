@@ -19,6 +19,7 @@ transformers builds no mask of its own for an implementation without a registere
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from typing import Any, Optional
 
 import torch
@@ -93,10 +94,8 @@ def prefill_attention(query: torch.Tensor, key: torch.Tensor, value: torch.Tenso
     mask = causal_mask(kvalid, kpos, qpos)
     if mask.shape[1] > 1 and groups > 1:
         mask = mask.repeat_interleave(groups, dim=1)
-    if key.shape[2] == query.shape[2]:  # a (padded) prompt's own keys: one shape for all layers
-        return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
-                                              enable_gqa=groups > 1)
-    with sdpa_kernel(COMPRESSED_SDPA_BACKENDS):
+    own_keys = key.shape[2] == query.shape[2]  # a (padded) prompt's own keys: one shape for all layers
+    with nullcontext() if own_keys else sdpa_kernel(COMPRESSED_SDPA_BACKENDS):
         return F.scaled_dot_product_attention(query, key, value, attn_mask=mask, scale=scaling,
                                               enable_gqa=groups > 1)
 
