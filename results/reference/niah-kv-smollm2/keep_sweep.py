@@ -9,20 +9,29 @@ exact accuracy and answer_prefix averaged over depths .25/.5/.75 of a 2048-token
 from __future__ import annotations
 
 import argparse
+from collections.abc import Callable
 from typing import Any
 
 from tokenbench import registry
-from tokenbench.lm import LMRunner
+from tokenbench.families.kv import KVMethod
+from tokenbench.lm import LMRunner, Prompt
 
 
-def predict(loaded: Any, task: Any, samples: list[Any], method: dict[str, Any],
-            chat_template: bool = True) -> list[tuple[dict[str, float], str]]:
-    """Each sample through a kv method (``method``: its config, ``name`` included): the task's scores of the
-    greedy answer (the task's ``max_new_tokens``) and the answer's text."""
-    runner = LMRunner(loaded, registry.build("method", method, family="kv"))
+def predict(loaded: Any, task: Any, samples: list[Any], method: dict[str, Any] | KVMethod,
+            chat_template: bool = True,
+            before: Callable[[Prompt], None] | None = None) -> list[tuple[dict[str, float], str]]:
+    """Each sample through a kv method (``method``: its config, ``name`` included, or an instance): the task's
+    scores of the greedy answer (the task's ``max_new_tokens``) and the answer's text. ``before``: called with
+    each sample's prompt before it is generated from."""
+    if isinstance(method, dict):
+        method = registry.build("method", method, family="kv")
+    runner = LMRunner(loaded, method)
     out = []
     for s in samples:
-        gen = runner.generate(runner.build_prompt(s, use_chat_template=chat_template), task.max_new_tokens)
+        prompt = runner.build_prompt(s, use_chat_template=chat_template)
+        if before is not None:
+            before(prompt)
+        gen = runner.generate(prompt, task.max_new_tokens)
         text = loaded.tokenizer.decode(gen.tokens[0].tolist(), skip_special_tokens=True)
         out.append((task.score(s, text), text))
     return out

@@ -10,14 +10,19 @@ cache) and what fails is which tokens the observation window votes for.
 from __future__ import annotations
 
 import argparse
+import sys
 from dataclasses import dataclass
-from typing import Any, ClassVar
+from pathlib import Path
+from typing import ClassVar
 
 import torch
 from tokenbench import registry
 from tokenbench.families.kv import ScoreContext
-from tokenbench.lm import LMRunner
+from tokenbench.lm import Prompt
 from tokenbench.methods.snapkv import SnapKV
+
+sys.path.insert(0, str(Path(__file__).parent))
+from keep_sweep import predict
 
 
 @dataclass
@@ -55,16 +60,19 @@ def main() -> None:
                                    "depths": [0.25, 0.5, 0.75]})
     tok = loaded.tokenizer
     needle_ids = tok.encode(" " + task.needle, add_special_tokens=False)
+    samples = task.samples(loaded)
+    spans: list[tuple[int, int]] = []
+
+    def force(prompt: Prompt) -> None:  # the needle's span in this sample's prompt, for the oracle
+        OracleSnapKV.forced = needle_span(prompt.prefix_ids[0].tolist(), needle_ids)
+        spans.append(OracleSnapKV.forced)
+
     for label, cls in (("snapkv", SnapKV), ("snapkv + needle oracle", OracleSnapKV)):
-        runner: Any = LMRunner(loaded, cls(keep_ratio=args.keep, query_aware=True))
-        for s in task.samples(loaded):
-            prompt = runner.build_prompt(s)
-            OracleSnapKV.forced = needle_span(prompt.prefix_ids[0].tolist(), needle_ids)
-            gen = runner.generate(prompt, task.max_new_tokens)
-            text = tok.decode(gen.tokens[0].tolist(), skip_special_tokens=True)
-            score = task.score(s, text)
+        spans.clear()
+        scored = predict(loaded, task, samples, cls(keep_ratio=args.keep, query_aware=True), before=force)
+        for s, span, (score, text) in zip(samples, spans, scored):
             print(f"{label:24s} {s.id}: accuracy {score['accuracy']:.0f}, answer_prefix "
-                  f"{score['answer_prefix']:.2f}, forced positions {OracleSnapKV.forced}: "
+                  f"{score['answer_prefix']:.2f}, forced positions {span}: "
                   f"{' '.join(text.split())[:60]!r}", flush=True)
 
 
